@@ -1,0 +1,91 @@
+"""``Llama2``: the user-facing model. Load a checkpoint, then ask it for logits or text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import InputError, TokenizerError
+from .loaders import load_checkpoint
+from .model import ModelArgs, Transformer
+from .tensors import resolve_compute_dtype
+from .tokenizer import Tokenizer
+
+
+class Llama2:
+    """A loaded Llama 2 model plus (when one was found) its tokenizer.
+
+    >>> model = Llama2.from_pretrained("weights/llama-2-7b")
+    >>> model.logits([1, 450, 4996]).shape
+    (3, 32000)
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None,
+                 tokenizer_candidates: Sequence[Path] = (), source: Path | None = None):
+        self.model = model
+        self._tokenizer = tokenizer
+        self._tokenizer_candidates = list(tokenizer_candidates)
+        self.source = source
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", tokenizer_path: str | Path | None = None,
+                        max_seq_len: int | None = None, progress: bool | None = None) -> "Llama2":
+        """Load a checkpoint directory or file; its layout is detected from what is on disk.
+
+        dtype: "float32" (default) or "float64" (reference-grade logits).
+        tokenizer_path: a ``tokenizer.model``; by default looked for beside the checkpoint.
+        max_seq_len: context length to allocate (default: the model's own).
+        progress: show a progress bar while loading (default: when stderr is a terminal).
+        """
+        compute = resolve_compute_dtype(dtype)
+        ckpt = load_checkpoint(path, max_seq_len=max_seq_len, progress=progress)
+        model = Transformer(ckpt.args, ckpt.state, compute)
+        candidates = [Path(tokenizer_path)] if tokenizer_path is not None else ckpt.tokenizer_candidates
+        tokenizer = None
+        if tokenizer_path is not None or any(p.is_file() for p in candidates):
+            tokenizer = Tokenizer(next((p for p in candidates if p.is_file()), candidates[0]))
+            if tokenizer.vocab_size != ckpt.args.vocab_size:
+                raise TokenizerError(f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces but the "
+                                     f"model at {ckpt.source} has vocab_size {ckpt.args.vocab_size}")
+        return cls(model, tokenizer, candidates, ckpt.source)
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.model.args
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer; raises TokenizerError naming where it was looked for when there is none."""
+        if self._tokenizer is None:
+            where = ", ".join(str(p) for p in self._tokenizer_candidates) or "nowhere"
+            raise TokenizerError(f"no tokenizer for this model (looked for {where}); "
+                                 "pass tokenizer_path= to from_pretrained, or use token ids")
+        return self._tokenizer
+
+    def logits(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Next-token logits at every position: ids (seq,) -> (seq, vocab), or (batch, seq) -> (batch, seq, vocab).
+
+        A fresh causal forward pass from position 0; no state is kept between calls.
+        """
+        ids = self.check_ids(tokens)
+        out = self.model.forward(ids if ids.ndim == 2 else ids[None])
+        return out if ids.ndim == 2 else out[0]
+
+    def check_ids(self, tokens) -> np.ndarray:
+        """Token ids as an int64 array, checked against the vocabulary and the context length."""
+        try:
+            ids = np.asarray(tokens)
+        except ValueError:
+            raise InputError("token ids must be a flat list of ints or a rectangular (batch, seq) array") from None
+        if ids.ndim not in (1, 2) or ids.shape[-1] == 0:
+            raise InputError(f"expected a non-empty list of token ids, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"token ids must be integers, got {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= self.args.vocab_size)]
+        if bad.size:
+            raise InputError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.args.vocab_size})")
+        if ids.shape[-1] > self.args.max_seq_len:
+            raise InputError(f"{ids.shape[-1]} tokens exceed the context length {self.args.max_seq_len}")
+        return ids.astype(np.int64)

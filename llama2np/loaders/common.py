@@ -1,0 +1,96 @@
+"""Pieces every checkpoint loader shares: lazy state dicts, progress, shape checks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+from ..model import ModelArgs
+from ..tensors import STORAGE_DTYPES
+
+
+class LazyStateDict(Mapping):
+    """A state dict whose tensors are produced (merged, permuted) only when first read.
+
+    Keeps peak memory near one tensor above the weights themselves: nothing is
+    materialised for a tensor the model never asks for, and each is built once.
+    """
+
+    def __init__(self, makers: Mapping[str, Callable[[], np.ndarray]], source: Path | str):
+        self._makers, self._cache, self.source = dict(makers), {}, source
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            try:
+                maker = self._makers[name]
+            except KeyError:
+                raise CheckpointError(f"{self.source}: tensor {name!r} is missing from the checkpoint") from None
+            self._cache[name] = maker()
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)
+
+
+def progress_bar(items: Iterable, desc: str, progress: bool | None) -> Iterable:
+    """Wrap ``items`` in a tqdm bar when ``progress`` is True, or None and stderr is a terminal."""
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="file", file=sys.stderr)
+
+
+def make_args(params: Mapping, source: Path | str, **overrides) -> ModelArgs:
+    """ModelArgs from a config dict, with errors that name the config file."""
+    try:
+        return ModelArgs.from_params(params, **overrides)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, in Meta naming, with its shape."""
+    d, kv, hidden = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,),
+              "output.weight": (args.vocab_size, d)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (d, d), p + "attention.wk.weight": (kv, d),
+            p + "attention.wv.weight": (kv, d), p + "attention.wo.weight": (d, d),
+            p + "feed_forward.w1.weight": (hidden, d), p + "feed_forward.w2.weight": (d, hidden),
+            p + "feed_forward.w3.weight": (hidden, d),
+            p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,),
+        })
+    return shapes
+
+
+def validate(args: ModelArgs, state: Mapping[str, np.ndarray], source: Path | str) -> None:
+    """Check every needed tensor is present with the shape the config implies and a known dtype.
+
+    Raises CheckpointError naming the checkpoint, the tensor and both shapes;
+    a config that disagrees with the tensors shows up here as a shape mismatch.
+    """
+    missing = [n for n in expected_shapes(args) if n not in state]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}")
+    for name, shape in expected_shapes(args).items():
+        t = state[name]
+        if t.dtype not in STORAGE_DTYPES:
+            raise CheckpointError(f"{source}: tensor {name} has unsupported dtype {t.dtype} "
+                                  "(expected bfloat16, float16, float32 or float64)")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, but the config "
+                                  f"(dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, "
+                                  f"hidden={args.ffn_hidden_dim}, vocab={args.vocab_size}) implies {shape}")

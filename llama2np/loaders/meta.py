@@ -1,0 +1,97 @@
+"""Meta's release layout: ``params.json`` + ``consolidated.NN.pth`` model-parallel shards.
+
+fairscale split each weight across shards: column-parallel ones (wq, wk, wv,
+w1, w3, output) by output rows (dim 0), row-parallel ones (wo, w2) and the
+parallel embedding by input columns (dim 1); norms and ``rope.freqs`` are
+copied whole into every shard. Merging concatenates along those axes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+from .common import LazyStateDict, make_args, progress_bar
+from .torch_pickle import load_pth
+
+_CONCAT_DIM1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
+_CONCAT_DIM0 = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
+
+
+def is_meta_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "params.json").is_file() and any(path.glob("consolidated.*.pth"))
+
+
+def shard_paths(directory: Path) -> list[Path]:
+    """consolidated.00.pth ... consolidated.NN.pth, checked to be complete."""
+    found = {}
+    for p in directory.glob("consolidated.*.pth"):
+        m = re.fullmatch(r"consolidated\.(\d+)\.pth", p.name)
+        if m:
+            found[int(m.group(1))] = p
+    if not found:
+        raise CheckpointError(f"{directory}: no consolidated.NN.pth shards")
+    missing = [i for i in range(max(found) + 1) if i not in found]
+    if missing:
+        names = ", ".join(f"consolidated.{i:02d}.pth" for i in missing)
+        raise CheckpointError(f"{directory}: missing shard(s) {names} of {max(found) + 1}")
+    return [found[i] for i in range(len(found))]
+
+
+def _concat_axis(name: str) -> int | None:
+    if name.endswith(_CONCAT_DIM0):
+        return 0
+    if name.endswith(_CONCAT_DIM1):
+        return 1
+    return None  # replicated
+
+
+def read_params(directory: Path) -> dict:
+    path = directory / "params.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing (Meta checkpoints ship params.json beside the shards)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+
+
+def load_meta(directory: Path, max_seq_len: int | None = None, progress: bool | None = None):
+    """(ModelArgs, state dict in Meta naming) for a Meta checkpoint directory."""
+    directory = Path(directory)
+    params = read_params(directory)
+    shards = [load_pth(p) for p in progress_bar(shard_paths(directory), "loading shards", progress)]
+    names = list(shards[0])
+    for path, shard in zip(shard_paths(directory)[1:], shards[1:]):
+        if set(shard) != set(names):
+            diff = sorted(set(names) ^ set(shard))[:3]
+            raise CheckpointError(f"{path}: holds different tensors than the first shard (e.g. {diff})")
+
+    def merge(name: str) -> np.ndarray:
+        parts = [s[name] for s in shards]
+        axis = _concat_axis(name)
+        if len(parts) == 1 or axis is None:
+            return parts[0]
+        try:
+            return np.concatenate(parts, axis=axis)
+        except ValueError:
+            shapes = [p.shape for p in parts]
+            raise CheckpointError(f"{directory}: shards of {name} have shapes {shapes} that do not "
+                                  f"concatenate on dim {axis}") from None
+
+    state = LazyStateDict({n: (lambda n=n: merge(n)) for n in names if n != "rope.freqs"}, source=directory)
+    if "tok_embeddings.weight" not in state:
+        raise CheckpointError(f"{directory}: no tok_embeddings.weight in the shards")
+    vocab = shards[0]["tok_embeddings.weight"].shape[0]
+    if params.get("vocab_size", -1) not in (-1, None, vocab):
+        raise ConfigError(f"{directory / 'params.json'}: vocab_size={params['vocab_size']} but "
+                          f"tok_embeddings.weight has {vocab} rows")
+    overrides = {"vocab_size": vocab}
+    if max_seq_len is not None:
+        overrides["max_seq_len"] = max_seq_len
+    return make_args(params, directory / "params.json", **overrides), state

@@ -1,0 +1,300 @@
+"""The Llama 2 transformer in NumPy: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Reads top to bottom like the forward pass (Touvron et al. 2023, and Meta's
+``llama/model.py``):
+
+    tokens -> tok_embeddings -> n_layers x [ h += attention(attention_norm(h))
+                                              h += feed_forward(ffn_norm(h)) ]
+           -> norm -> output -> logits
+
+Weights arrive as a dict in Meta's naming and layout (``layers.0.attention.wq.weight``
+...); every loader maps its format onto that. wq/wk rows are in Meta's RoPE
+order: each head's dimensions are (real, imaginary) pairs side by side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Mapping
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+from .linear import Linear
+from .tensors import to_float
+
+
+@dataclass
+class ModelArgs:
+    """Hyper-parameters, named as in Meta's ``params.json``."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: as many as n_heads (no grouping)
+    vocab_size: int = -1  # Meta ships -1; the loader takes it from tok_embeddings
+    multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096  # Llama 2 context length
+    hidden_dim: int | None = None  # set by formats that state it (HF, llama2.c); else derived
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        problems = []
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "multiple_of"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if not problems:
+            if self.dim % self.n_heads:
+                problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            elif self.head_dim % 2:
+                problems.append(f"head_dim={self.head_dim} must be even for RoPE")
+            if self.n_heads % self.n_kv_heads:
+                problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if not self.norm_eps > 0:
+            problems.append(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        if not self.rope_theta > 0:
+            problems.append(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if problems:
+            raise ConfigError("invalid model arguments: " + "; ".join(problems))
+
+    @classmethod
+    def from_params(cls, params: Mapping, **overrides) -> "ModelArgs":
+        """Build from a Meta ``params.json`` dict; keys this engine does not use are ignored."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in params.items() if k in known}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_params(self) -> dict:
+        """The inverse of ``from_params``: a dict to write as ``params.json``."""
+        return asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads sharing each key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU hidden size, derived exactly as Meta's FeedForward does unless stated."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def num_parameters(self) -> int:
+        """Total weights, with separate embedding and output matrices (as Llama 2 has)."""
+        d, kv = self.dim, self.n_kv_heads * self.head_dim
+        attention = d * d * 2 + d * kv * 2
+        ffn = 3 * d * self.ffn_hidden_dim
+        per_layer = attention + ffn + 2 * d
+        return self.n_layers * per_layer + d + 2 * self.vocab_size * d
+
+
+#: The published Llama 2 shapes (params.json of Meta's release, vocab filled in).
+PRESETS: dict[str, ModelArgs] = {
+    "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+    "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
+    "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000,
+                     ffn_dim_multiplier=1.3, multiple_of=4096),
+}
+
+
+# --- the blocks -------------------------------------------------------------------------
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight, over the last axis."""
+    ms = np.mean(np.square(x), axis=-1, keepdims=True)
+    return x * (1.0 / np.sqrt(ms + eps)) * weight
+
+
+def rope_tables(args: ModelArgs, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of every (position, frequency) angle, each (max_seq_len, head_dim // 2).
+
+    Angles are computed in float64 and only then rounded to the compute dtype,
+    so float64 logits are not limited by a float32 angle.
+    """
+    half = args.head_dim // 2
+    freqs = 1.0 / args.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / args.head_dim)
+    angles = np.outer(np.arange(args.max_seq_len, dtype=np.float64), freqs)
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate each (even, odd) pair of a head's dimensions by its position's angle.
+
+    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim // 2). This is
+    Meta's layout: dimension pairs (2i, 2i+1) form the complex number rotated
+    by frequency i (HF reorders the rows of wq/wk so it can rotate halves
+    instead; loaders undo that).
+    """
+    pairs = x.reshape(*x.shape[:-1], -1, 2)  # (batch, seq, heads, head_dim/2, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (seq, 1, head_dim/2)
+    out = np.empty_like(pairs)
+    out[..., 0] = re * cos - im * sin
+    out[..., 1] = re * sin + im * cos
+    return out.reshape(x.shape)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class KVCache:
+    """Keys and values of every layer for positions already seen, preallocated.
+
+    k, v: (n_layers, batch, n_kv_heads, max_seq_len, head_dim). np.zeros maps
+    pages lazily, so a long max_seq_len costs memory only as it fills.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: np.dtype):
+        shape = (args.n_layers, batch_size, args.n_kv_heads, max_seq_len, args.head_dim)
+        self.k = np.zeros(shape, dtype=dtype)
+        self.v = np.zeros(shape, dtype=dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[3]
+
+
+class Attention:
+    """Multi-head self-attention with grouped key/value heads and rotary positions."""
+
+    def __init__(self, args: ModelArgs, wq: Linear, wk: Linear, wv: Linear, wo: Linear):
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+
+    def __call__(self, x, start_pos, cos, sin, mask, cache_k=None, cache_v=None):
+        bsz, seqlen, _ = x.shape
+        g, r, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        q = self.wq(x).reshape(bsz, seqlen, self.n_heads, hd)
+        k = self.wk(x).reshape(bsz, seqlen, g, hd)
+        v = self.wv(x).reshape(bsz, seqlen, g, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        k = k.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, head_dim)
+        v = v.transpose(0, 2, 1, 3)
+        if cache_k is not None:
+            end = start_pos + seqlen
+            cache_k[:, :, start_pos:end] = k
+            cache_v[:, :, start_pos:end] = v
+            k, v = cache_k[:, :, :end], cache_v[:, :, :end]  # (batch, kv_heads, kv_len, head_dim)
+
+        # Query head h uses key/value head h // r: group the r query heads of each kv head
+        # on one axis so the matmul broadcasts over them instead of copying K and V r times.
+        q = q.reshape(bsz, seqlen, g, r, hd).transpose(0, 2, 3, 1, 4)  # (batch, kv_heads, r, seq, hd)
+        q = q.reshape(bsz, g, r * seqlen, hd)
+        scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hd))  # (batch, kv_heads, r*seq, kv_len)
+        scores = scores.reshape(bsz, g, r, seqlen, -1)
+        if mask is not None:
+            scores = scores + mask  # (seq, kv_len) broadcast
+        probs = softmax(scores).reshape(bsz, g, r * seqlen, -1)
+        out = (probs @ v).reshape(bsz, g, r, seqlen, hd)  # (batch, kv_heads, r, seq, hd)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(bsz, seqlen, -1)  # (batch, seq, dim)
+        return self.wo(out)
+
+
+class FeedForward:
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, w1: Linear, w2: Linear, w3: Linear):
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.w2(silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock:
+    def __init__(self, args: ModelArgs, attention: Attention, feed_forward: FeedForward,
+                 attention_norm: np.ndarray, ffn_norm: np.ndarray):
+        self.eps = args.norm_eps
+        self.attention, self.feed_forward = attention, feed_forward
+        self.attention_norm, self.ffn_norm = attention_norm, ffn_norm
+
+    def __call__(self, x, start_pos, cos, sin, mask, cache_k=None, cache_v=None):
+        h = x + self.attention(rms_norm(x, self.attention_norm, self.eps), start_pos, cos, sin, mask,
+                               cache_k, cache_v)
+        return h + self.feed_forward(rms_norm(h, self.ffn_norm, self.eps))
+
+
+class Transformer:
+    """The whole network. ``forward`` maps token ids to next-token logits."""
+
+    def __init__(self, args: ModelArgs, params: Mapping[str, np.ndarray], dtype: str | np.dtype = "float32"):
+        self.args, self.dtype = args, np.dtype(dtype)
+
+        def vec(name):  # norms are tiny: keep them in the compute dtype
+            return to_float(params[name], self.dtype)
+
+        def lin(name):
+            return Linear(params[name], self.dtype)
+
+        self.tok_embeddings = params["tok_embeddings.weight"]  # (vocab, dim), any storage dtype
+        self.layers = []
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            attention = Attention(args, *(lin(p + f"attention.{w}.weight") for w in ("wq", "wk", "wv", "wo")))
+            ffn = FeedForward(*(lin(p + f"feed_forward.{w}.weight") for w in ("w1", "w2", "w3")))
+            self.layers.append(TransformerBlock(args, attention, ffn, vec(p + "attention_norm.weight"),
+                                                vec(p + "ffn_norm.weight")))
+        self.norm = vec("norm.weight")
+        self.output = lin("output.weight")
+        self.cos, self.sin = rope_tables(args, self.dtype)
+
+    def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
+        return KVCache(self.args, batch_size, max_seq_len or self.args.max_seq_len, self.dtype)
+
+    def forward(self, tokens: np.ndarray, start_pos: int = 0, cache: KVCache | None = None) -> np.ndarray:
+        """Logits for every position of ``tokens`` (batch, seq) -> (batch, seq, vocab).
+
+        Without a cache the tokens are a whole sequence starting at position 0.
+        With a cache they continue it at ``start_pos``: their keys and values
+        are stored and they attend to everything before them.
+        """
+        tokens = np.asarray(tokens)
+        bsz, seqlen = tokens.shape
+        end = start_pos + seqlen
+        limit = cache.max_seq_len if cache is not None else self.args.max_seq_len
+        if cache is None and start_pos != 0:
+            raise InputError("start_pos > 0 needs the KV cache that holds the earlier positions")
+        if end > limit:
+            raise InputError(f"positions {start_pos}..{end - 1} exceed the context length {limit}")
+        if cache is not None and cache.batch_size != bsz:
+            raise InputError(f"batch of {bsz} sequences does not match the cache's {cache.batch_size}")
+        if seqlen == 0:
+            raise InputError("forward needs at least one token")
+
+        h = to_float(self.tok_embeddings[tokens], self.dtype)  # (batch, seq, dim)
+        cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
+        mask = None
+        if seqlen > 1:  # token i attends to cached positions and to new positions <= i
+            mask = np.triu(np.full((seqlen, end), -np.inf, dtype=self.dtype), k=start_pos + 1)
+        for i, layer in enumerate(self.layers):
+            ck = cache.k[i] if cache is not None else None
+            cv = cache.v[i] if cache is not None else None
+            h = layer(h, start_pos, cos, sin, mask, ck, cv)
+        h = rms_norm(h, self.norm, self.args.norm_eps)
+        return self.output(h)  # (batch, seq, vocab)
