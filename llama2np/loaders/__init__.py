@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import CheckpointError
 from ..model import ModelArgs
 from .common import validate
+from .hf import is_hf_dir, load_hf
 from .llama2c import find_llama2c_file, load_llama2c, looks_like_llama2c
 from .llama2c import tokenizer_candidates as llama2c_tokenizer_candidates
 from .meta import is_meta_dir, load_meta
@@ -37,18 +38,25 @@ def load_checkpoint(path: str | Path, max_seq_len: int | None = None, progress: 
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file() and path.suffix == ".pth" and is_meta_dir(path.parent):
         path = path.parent  # a shard of a Meta directory: load the whole directory
+    if path.is_file() and path.suffix in (".safetensors", ".bin", ".json") and is_hf_dir(path.parent):
+        path = path.parent  # a weight file of an HF directory: load the whole directory
     llama2c = path if looks_like_llama2c(path) else (find_llama2c_file(path) if path.is_dir() else None)
     if is_meta_dir(path):
         args, state = load_meta(path, max_seq_len=max_seq_len, progress=progress)
         ckpt = Checkpoint(args, state, path, "meta", [path / "tokenizer.model", path.parent / "tokenizer.model"])
+    elif is_hf_dir(path):
+        args, state = load_hf(path, max_seq_len=max_seq_len, progress=progress)
+        ckpt = Checkpoint(args, state, path, "hf", [path / "tokenizer.model", path.parent / "tokenizer.model"])
     elif llama2c is not None:
         args, state = load_llama2c(llama2c, max_seq_len=max_seq_len)
         ckpt = Checkpoint(args, state, llama2c, "llama2c", llama2c_tokenizer_candidates(llama2c))
     else:
         raise CheckpointError(
             f"{path}: no checkpoint layout recognised. Looked for: a Meta directory "
-            "(params.json + consolidated.NN.pth); a llama2.c checkpoint (a .bin file whose 7-int header "
-            "matches its size, or a directory holding exactly one)"
+            "(params.json + consolidated.NN.pth); a Hugging Face directory (config.json + model.safetensors, "
+            "model-0000K-of-0000N.safetensors + model.safetensors.index.json, or pytorch_model*.bin); "
+            "a llama2.c checkpoint (a .bin file whose 7-int header matches its size, or a directory "
+            "holding exactly one)"
         )
     validate(ckpt.args, ckpt.state, ckpt.source)
     return ckpt

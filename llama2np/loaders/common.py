@@ -32,6 +32,9 @@ class LazyStateDict(Mapping):
             self._cache[name] = maker()
         return self._cache[name]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._makers  # without building the tensor
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._makers)
 

@@ -1,0 +1,179 @@
+"""Hugging Face's layout: ``config.json`` + ``model*.safetensors`` (or ``pytorch_model*.bin``).
+
+Tensor names map one to one onto Meta's. The one real difference is RoPE:
+Meta rotates interleaved pairs (dims 2i, 2i+1 of each head), HF's Llama
+rotates halves (dims i, i + head_dim/2). HF's conversion script therefore
+reordered the rows of wq and wk per head; ``unpermute`` restores Meta's order
+so one RoPE implementation serves every format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+from ..model import ModelArgs
+from .common import LazyStateDict, make_args, progress_bar
+from .safetensors_file import open_safetensors
+from .torch_pickle import load_pth
+
+# HF name (after "model.layers.N.") -> Meta name (after "layers.N.")
+_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "output.weight"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+_SAFETENSORS = ("model.safetensors.index.json", "model.safetensors")
+_PYTORCH = ("pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def meta_name(hf_name: str) -> str | None:
+    """Meta's name for an HF tensor name, or None for tensors the model does not use."""
+    if hf_name in _TOP_NAMES:
+        return _TOP_NAMES[hf_name]
+    m = _LAYER_RE.fullmatch(hf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of an HF q/k projection in Meta's interleaved RoPE order.
+
+    Per head HF holds the rows as (2, head_dim/2): first every real part, then
+    every imaginary part; Meta holds them as (head_dim/2, 2) pairs.
+    """
+    out_features, in_features = w.shape
+    half = out_features // n_heads // 2
+    # (out, in) -> (heads, 2, half, in) -> (heads, half, 2, in) -> (out, in)
+    return np.ascontiguousarray(w.reshape(n_heads, 2, half, in_features).transpose(0, 2, 1, 3)).reshape(
+        out_features, in_features)
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and bool(weight_files(path, check=False))
+
+
+def weight_files(directory: Path, check: bool = True) -> list[Path]:
+    """The weight files of an HF directory: from the index when there is one, safetensors first.
+
+    With ``check``, every file the index (or a ``-0000K-of-0000N`` name) promises must exist.
+    """
+    for index_name, single_name in (_SAFETENSORS, _PYTORCH):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a valid weight index ({type(e).__name__}: {e})") from None
+            files = [directory / n for n in names]
+        elif (directory / single_name).is_file():
+            files = [directory / single_name]
+        else:
+            stem, ext = single_name.rsplit(".", 1)
+            files = sorted(directory.glob(f"{stem}-*-of-*.{ext}"))
+        if not files:
+            continue
+        if check:
+            _check_complete(directory, files, index)
+        return files
+    return []
+
+
+def _check_complete(directory: Path, files: list[Path], index: Path) -> None:
+    missing = [f.name for f in files if not f.is_file()]
+    for f in files:  # model-00001-of-00003.safetensors promises 3 files
+        m = re.fullmatch(r"(.+)-(\d+)-of-(\d+)\.(\w+)", f.name)
+        if m:
+            width, total = len(m.group(2)), int(m.group(3))
+            missing += [n for k in range(1, total + 1)
+                        if not (directory / (n := f"{m.group(1)}-{k:0{width}d}-of-{m.group(3)}.{m.group(4)}"))
+                        .is_file()]
+    if missing:
+        where = f" (listed in {index.name})" if index.is_file() else ""
+        raise CheckpointError(f"{directory}: missing shard(s) {', '.join(sorted(set(missing)))}{where}")
+
+
+def read_config(directory: Path, vocab_rows: int | None, max_seq_len: int | None) -> ModelArgs:
+    """ModelArgs from an HF ``config.json`` (the keys Llama-2-*-hf ships)."""
+    path = directory / "config.json"
+    try:
+        c = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(c, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    if c.get("model_type", "llama") != "llama":
+        raise ConfigError(f"{path}: model_type {c['model_type']!r} is not a Llama model")
+    if c.get("rope_scaling") is not None:
+        raise ConfigError(f"{path}: rope_scaling {c['rope_scaling']!r} is not supported (Llama 2 uses none)")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{path}: hidden_act {c['hidden_act']!r} is not supported (Llama 2 uses silu)")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        raise ConfigError(f"{path}: attention/mlp biases are not supported (Llama 2 has none)")
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+               if k not in c]
+    if missing:
+        raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}")
+    if vocab_rows is not None and c.get("vocab_size", vocab_rows) != vocab_rows:
+        raise ConfigError(f"{path}: vocab_size={c['vocab_size']} but model.embed_tokens.weight has "
+                          f"{vocab_rows} rows")
+    params = {"dim": c["hidden_size"], "hidden_dim": c["intermediate_size"], "n_layers": c["num_hidden_layers"],
+              "n_heads": c["num_attention_heads"], "n_kv_heads": c.get("num_key_value_heads"),
+              "vocab_size": vocab_rows if vocab_rows is not None else c.get("vocab_size", -1),
+              "norm_eps": c.get("rms_norm_eps", 1e-6), "rope_theta": c.get("rope_theta", 10000.0),
+              "max_seq_len": max_seq_len or c.get("max_position_embeddings", 4096)}
+    args = make_args(params, path)
+    if c.get("head_dim", args.head_dim) != args.head_dim:
+        raise ConfigError(f"{path}: head_dim={c['head_dim']} but hidden_size / num_attention_heads = "
+                          f"{args.head_dim}")
+    return args
+
+
+def _open(path: Path) -> dict[str, Callable[[], np.ndarray]]:
+    """Name -> tensor maker for one weight file (.safetensors or torch zip)."""
+    if path.suffix == ".safetensors":
+        return open_safetensors(path)
+    return {name: (lambda t=t: t) for name, t in load_pth(path).items()}
+
+
+def load_hf(directory: Path, max_seq_len: int | None = None, progress: bool | None = None):
+    """(ModelArgs, lazily built state dict in Meta naming) for an HF checkpoint directory."""
+    directory = Path(directory)
+    makers: dict[str, Callable[[], np.ndarray]] = {}
+    for path in progress_bar(weight_files(directory), "loading shards", progress):
+        for hf_name, make in _open(path).items():
+            name = meta_name(hf_name)
+            if name is not None:
+                makers[name] = make
+    embed = makers.get("tok_embeddings.weight")
+    vocab_rows = embed().shape[0] if embed is not None else None
+    args = read_config(directory, vocab_rows, max_seq_len)
+
+    for name in [n for n in makers if n.endswith(("attention.wq.weight", "attention.wk.weight"))]:
+        heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
+        makers[name] = (lambda make=makers[name], name=name, heads=heads: _unpermute_checked(
+            make(), heads, directory, name))
+    config = json.loads((directory / "config.json").read_text())
+    if "output.weight" not in makers and config.get("tie_word_embeddings") and embed is not None:
+        makers["output.weight"] = embed
+    return args, LazyStateDict(makers, source=directory)
+
+
+def _unpermute_checked(w: np.ndarray, n_heads: int, directory: Path, name: str) -> np.ndarray:
+    if w.ndim != 2 or w.shape[0] % (2 * n_heads):
+        raise CheckpointError(f"{directory}: tensor {name} has shape {w.shape}, which does not split into "
+                              f"{n_heads} heads of (real, imaginary) halves")
+    return unpermute(w, n_heads)

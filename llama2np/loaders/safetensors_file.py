@@ -1,0 +1,91 @@
+"""Read a ``.safetensors`` file as memory-mapped NumPy arrays, bfloat16 included.
+
+The format: an 8-byte little-endian header length N, N bytes of JSON mapping
+each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
+(offsets relative to the byte after the header), then the raw little-endian
+data. The ``safetensors`` package's NumPy backend refuses bfloat16, so the
+header is parsed here and each tensor mapped straight from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import CheckpointError
+from ..tensors import BF16
+
+DTYPES = {"BF16": BF16, "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+
+#: a header bigger than this is corrupt, not a checkpoint (the format itself caps it at 100 MB)
+_MAX_HEADER = 100_000_000
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(tensor entries, byte offset where the data starts)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file: it is truncated")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER:
+            raise CheckpointError(f"{path}: header length {n} is implausible: not a safetensors file, or corrupt")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: the header needs {n} bytes but the file ends after {size - 8}: "
+                                  "the file is truncated")
+        text = f.read(n)
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _mapper(path: Path, name: str, entry, data_start: int, data_size: int) -> Callable[[], np.ndarray]:
+    """Check one header entry; return a function that memory-maps the tensor."""
+    try:
+        dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: {entry!r}") from None
+    if dtype_name not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name}, which llama2np cannot load "
+                              f"(supported: {', '.join(DTYPES)})")
+    dtype = DTYPES[dtype_name]
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not 0 <= begin <= end or end - begin != nbytes:
+        raise CheckpointError(f"{path}: tensor {name!r} of shape {list(shape)} {dtype_name} needs {nbytes} "
+                              f"bytes but its data_offsets are [{begin}, {end}]: the header is corrupt")
+    if end > data_size:
+        raise CheckpointError(f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has "
+                              f"{data_start + data_size} bytes: the file is truncated")
+
+    def load() -> np.ndarray:
+        if nbytes == 0:
+            return np.empty(shape, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+
+    return load
+
+
+def open_safetensors(path: str | Path) -> dict[str, Callable[[], np.ndarray]]:
+    """Name -> function returning that tensor memory-mapped (dtype ``BF16`` for bfloat16).
+
+    The header is checked up front: a truncated file or a tensor reaching past
+    the end raises CheckpointError before anything is mapped. Each tensor gets
+    its own map, so dropping the array releases its pages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such safetensors file")
+    header, data_start = read_header(path)
+    data_size = path.stat().st_size - data_start
+    return {name: _mapper(path, name, entry, data_start, data_size) for name, entry in header.items()}
