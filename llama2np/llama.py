@@ -12,6 +12,7 @@ from .loaders import load_checkpoint
 from .model import ModelArgs, Transformer
 from .tensors import resolve_compute_dtype
 from .tokenizer import Tokenizer
+from . import chat as _chat, generation as _generation, perplexity as _perplexity
 
 
 class Llama2:
@@ -72,6 +73,44 @@ class Llama2:
         ids = self.check_ids(tokens)
         out = self.model.forward(ids if ids.ndim == 2 else ids[None])
         return out if ids.ndim == 2 else out[0]
+
+    def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9,
+                 top_k: int | None = None, seed=None, stop: str | Sequence[str] | None = None, echo: bool = False,
+                 logprobs: bool = False, stream: bool = False):
+        """Continue a prompt.
+
+        prompt: a str -> the new text (what follows the prompt); a list of token ids
+        -> the new ids (EOS not included; [] starts from BOS); a list of either -> a batch,
+        one result per prompt, each the same as generating it alone (prompt i samples with
+        seed + i, or pass a list of seeds).
+        temperature=0 is greedy; otherwise top_k and then top_p (Meta's nucleus) filter the
+        softmax(logits / temperature) before one token is drawn with numpy.random.default_rng(seed).
+        Stops at EOS, after max_new_tokens, at any of the ``stop`` strings (not included in the
+        text) or at the context length (with a ContextLengthWarning).
+        echo: prefix the prompt. logprobs: return ``Completion`` objects (ids, text, logprobs of
+        the new tokens, finish_reason) instead. stream: return a ``GenerationStream`` iterator
+        of text pieces (ids for an id prompt); its ``completion`` and ``stats`` fill in at the end.
+        """
+        return _generation.generate(self.model, self._tokenizer, prompt, max_new_tokens, temperature, top_p,
+                                    top_k, seed, stop, echo, logprobs, stream)
+
+    def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9,
+             top_k: int | None = None, seed=None, stop: str | Sequence[str] | None = None, stream: bool = False):
+        """The assistant's answer to a dialog in Meta's chat format.
+
+        messages: [{"role": "system" | "user" | "assistant", "content": str}, ...], an optional
+        system message first, then user and assistant alternating, ending with user.
+        Returns the answer text, or with stream=True an iterator of its pieces.
+        """
+        ids = _chat.dialog_tokens(self.tokenizer, messages)
+        return _generation.generate(self.model, self.tokenizer, ids, max_new_tokens, temperature, top_p, top_k,
+                                    seed, stop, stream=stream, text_context=False, text_out=True)
+
+    def perplexity(self, text: str, window: int | None = None, stride: int | None = None) -> float:
+        """exp(mean negative log-likelihood) of ``text`` (BOS prepended), windowed over the context length."""
+        if not isinstance(text, str):
+            raise InputError(f"perplexity takes a str, got {type(text).__name__}")
+        return _perplexity.perplexity(self.model, self.tokenizer.encode(text), window, stride).perplexity
 
     def check_ids(self, tokens) -> np.ndarray:
         """Token ids as an int64 array, checked against the vocabulary and the context length."""

@@ -1,0 +1,309 @@
+"""Autoregressive generation: prefill the prompt, then one token per step through the KV cache.
+
+A batch follows Meta's ``Llama.generate``: prompts are left-aligned in one
+(batch, total_len) array, the first forward call prefills every row up to the
+shortest prompt, and each later call feeds one position for the whole batch;
+a row still inside its (longer) prompt keeps its prompt token instead of the
+sampled one. Every row has its own random generator, stopping rule and text
+decoder, so its tokens are those it would get alone. Rows that finish are
+dropped from the batch (and from the KV cache) so they cost nothing more.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .model import KVCache, Transformer
+from .sampling import SamplingParams, check_sampling, log_softmax, make_rngs, sample
+from .tokenizer import StreamDecoder, Tokenizer
+
+LLAMA_BOS, LLAMA_EOS = 1, 2  # used for id prompts when the model has no tokenizer
+
+
+class ContextLengthWarning(UserWarning):
+    """The prompt fitted but the answer was cut at the model's context length."""
+
+
+@dataclass
+class Completion:
+    """One finished generation."""
+
+    ids: list[int]  # new token ids (the prompt's first when echo=True); EOS is not included
+    text: str | None  # the new text (after the prompt); None for an id prompt without a tokenizer
+    logprobs: list[float] | None  # log p of each new token under the model (temperature 1), if asked
+    finish_reason: str  # "eos", "length" (max_new_tokens), "stop" (a stop string) or "context"
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Stats:
+    """Token counts and wall time of a generate call: prefill (prompt) and decode (new tokens)."""
+
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    new_tokens: int = 0
+    new_seconds: float = 0.0
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else float("nan")
+
+    @property
+    def new_tokens_per_s(self) -> float:
+        return self.new_tokens / self.new_seconds if self.new_seconds else float("nan")
+
+    def summary(self) -> str:
+        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tokens_per_s:.1f} tokens/s | "
+                f"generation: {self.new_tokens} tokens, {self.new_tokens_per_s:.1f} tokens/s")
+
+
+class _Row:
+    """The state of one sequence: its tokens so far, its text, and why it stopped."""
+
+    def __init__(self, prompt: list[int], max_new_tokens: int, context_len: int, eos_id: int,
+                 decoder: StreamDecoder | None, stop: Sequence[str], want_logprobs: bool):
+        self.prompt, self.max_new_tokens, self.context_len = prompt, max_new_tokens, context_len
+        self.eos_id, self.decoder, self.stop = eos_id, decoder, list(stop)
+        self.new_ids: list[int] = []
+        self.logprobs: list[float] | None = [] if want_logprobs else None
+        self.text = ""  # decoded text so far (after the prompt)
+        self.released = 0  # characters of self.text handed out; the rest may begin a stop string
+        self.finish_reason: str | None = None
+        if max_new_tokens == 0:
+            self.finish_reason = "length"
+        elif len(prompt) >= context_len:
+            self._cut()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int, logprob: float | None) -> str:
+        """Take one new token; return the text it makes printable (may be "")."""
+        if token == self.eos_id:
+            self.finish_reason = "eos"
+            return self._release(final=True)
+        self.new_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
+        if self.decoder is not None:
+            self.text += self.decoder.push(token)
+        if len(self.new_ids) == self.max_new_tokens:
+            self.finish_reason = "length"
+        elif len(self.prompt) + len(self.new_ids) >= self.context_len:
+            self._cut()
+        return self._release(final=self.done)
+
+    def _cut(self) -> None:
+        self.finish_reason = "context"
+        warnings.warn(f"generation stopped at the context length {self.context_len}: the prompt has "
+                      f"{len(self.prompt)} tokens and {len(self.new_ids)} new tokens were generated",
+                      ContextLengthWarning, stacklevel=5)
+
+    def _release(self, final: bool) -> str:
+        """Text that can no longer turn out to be part of a stop string (all of it when final)."""
+        if final and self.decoder is not None:
+            self.text += self.decoder.flush()
+        hits = [i for i in (self.text.find(s, max(0, self.released - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.finish_reason = "stop"
+            final = True
+        end = len(self.text) if final else len(self.text) - _stop_prefix_len(self.text, self.stop)
+        piece = self.text[self.released:end]
+        self.released = max(self.released, end)
+        return piece
+
+
+def _stop_prefix_len(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that is the start of a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def _keep_rows(model: Transformer, cache: KVCache, keep: np.ndarray, upto: int) -> KVCache:
+    """A smaller cache holding only the rows in ``keep`` (positions < upto are all that is filled)."""
+    smaller = model.new_cache(int(keep.sum()), cache.max_seq_len)
+    smaller.k[:, :, :, :upto] = cache.k[:, keep, :, :upto]
+    smaller.v[:, :, :, :upto] = cache.v[:, keep, :, :upto]
+    return smaller
+
+
+def run(model: Transformer, rows: list[_Row], params: SamplingParams, rngs: list[np.random.Generator],
+        stats: Stats) -> Iterator[list[tuple[int, str]]]:
+    """Generate for every row; after each step yield (row index, newly printable text) per row that moved."""
+    lens = np.array([len(r.prompt) for r in rows])
+    active = np.array([i for i, r in enumerate(rows) if not r.done], dtype=np.int64)
+    if active.size == 0:
+        return
+    total_len = min(model.args.max_seq_len, max(len(rows[i].prompt) + rows[i].max_new_tokens for i in active))
+    tokens = np.zeros((len(rows), total_len), dtype=np.int64)  # (batch, total_len), left-aligned prompts
+    for i in active:
+        tokens[i, :lens[i]] = rows[i].prompt
+    cache = model.new_cache(active.size, total_len)
+    stats.prompt_tokens += int(lens[active].sum())
+    prev = 0
+    for cur in range(int(lens[active].min()), total_len):
+        t0 = time.perf_counter()
+        logits = model.forward(tokens[active, prev:cur], prev, cache)[:, -1]  # (active, vocab)
+        gen = lens[active] <= cur  # rows past their prompt; the others keep their prompt token
+        events = []
+        if gen.any():
+            rows_gen = active[gen]
+            next_ids = sample(logits[gen], params, [rngs[i] for i in rows_gen])
+            lps = None
+            if rows[rows_gen[0]].logprobs is not None:
+                lps = np.take_along_axis(log_softmax(logits[gen]), next_ids[:, None], axis=-1)[:, 0]
+            tokens[rows_gen, cur] = next_ids
+            for j, i in enumerate(rows_gen):
+                events.append((int(i), rows[i].push(int(next_ids[j]), None if lps is None else float(lps[j]))))
+        elapsed = time.perf_counter() - t0
+        if prev == 0:
+            stats.prompt_seconds += elapsed
+        else:
+            stats.new_seconds += elapsed
+            stats.new_tokens += int(gen.sum())
+        prev = cur
+        yield events
+        finished = np.array([rows[i].done for i in active])
+        if finished.all():
+            return
+        if finished.any():
+            cache = _keep_rows(model, cache, ~finished, cur)
+            active = active[~finished]
+
+
+# --- the user-facing call ---------------------------------------------------------------
+
+
+def _as_prompts(prompt) -> tuple[list, bool]:
+    """(list of single prompts, whether a batch was given); each prompt a str or a list of ints."""
+    def single(p) -> bool:
+        return isinstance(p, str) or (isinstance(p, (list, tuple, np.ndarray)) and all(_is_int(t) for t in p))
+
+    if single(prompt):
+        return [prompt], False
+    if isinstance(prompt, (list, tuple)) and prompt and all(single(p) for p in prompt):
+        return list(prompt), True
+    raise InputError("prompt must be a str, a list of token ids (ints), or a list of those for a batch; got "
+                     f"{_describe(prompt)}")
+
+
+def _describe(prompt) -> str:
+    if isinstance(prompt, (list, tuple)):
+        odd = next((p for p in prompt if not (isinstance(p, str) or _is_int(p))), None)
+        if odd is not None and not isinstance(odd, (list, tuple)):
+            return f"a list containing {type(odd).__name__} {odd!r}"
+        return "a list mixing strs, ints and lists"
+    return f"{type(prompt).__name__}"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _prompt_ids(p, tokenizer: Tokenizer | None, vocab_size: int, max_seq_len: int) -> list[int]:
+    if isinstance(p, str):
+        ids = tokenizer.encode(p, bos=True)
+    else:
+        ids = [int(t) for t in p] or [tokenizer.bos_id if tokenizer else LLAMA_BOS]  # empty: start from BOS
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InputError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if len(ids) > max_seq_len:
+        raise InputError(f"the prompt is {len(ids)} tokens, longer than the context length {max_seq_len}")
+    return ids
+
+
+class GenerationStream:
+    """Iterator over the pieces of one streamed generation: text pieces, or ids for an id prompt.
+
+    After it is exhausted, ``completion`` holds the whole result and ``stats`` the timings.
+    """
+
+    def __init__(self, model: Transformer, row: _Row, params: SamplingParams, rng: np.random.Generator,
+                 as_text: bool, prompt_text: str | None, echo: bool):
+        self.completion: Completion | None = None
+        self.stats = Stats()
+        self._iter = self._pieces(model, row, params, rng, as_text, prompt_text, echo)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._iter)
+
+    def _pieces(self, model, row, params, rng, as_text, prompt_text, echo):
+        if echo:
+            yield from ([prompt_text or ""] if as_text else row.prompt)
+        sent = 0
+        for events in run(model, [row], params, [rng], self.stats):
+            if as_text and events and events[0][1]:
+                yield events[0][1]
+            elif not as_text:
+                yield from row.new_ids[sent:]
+                sent = len(row.new_ids)
+        self.completion = _finish(row, echo, prompt_text)
+
+
+def _finish(row: _Row, echo: bool, prompt_text: str | None) -> Completion:
+    ids = (row.prompt + row.new_ids) if echo else list(row.new_ids)
+    text = row.text if row.decoder is not None else None
+    if echo and text is not None and prompt_text is not None:
+        text = prompt_text + text
+    return Completion(ids, text, row.logprobs, row.finish_reason, list(row.prompt))
+
+
+def generate(model: Transformer, tokenizer: Tokenizer | None, prompt, max_new_tokens: int = 256,
+             temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None, seed=None,
+             stop: str | Sequence[str] | None = None, echo: bool = False, logprobs: bool = False,
+             stream: bool = False, text_context: bool = True, text_out: bool = False):
+    """See ``Llama2.generate``.
+
+    text_context=False decodes the new tokens on their own rather than as the prompt's
+    continuation; text_out=True returns text for id prompts too (both for chat).
+    """
+    check_sampling(temperature, top_p, top_k, max_new_tokens)
+    params = SamplingParams(float(temperature), float(top_p), top_k)
+    prompts, batched = _as_prompts(prompt)
+    if stream and batched:
+        raise InputError("stream=True takes one prompt, not a batch")
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise InputError(f"stop must be a non-empty str or a list of them, got {stop!r}")
+    if tokenizer is None and (stop or any(isinstance(p, str) for p in prompts)):
+        tokenizer_needed = "stop strings" if stop else "a text prompt"
+        raise InputError(f"{tokenizer_needed} need a tokenizer; this model has none (pass token ids)")
+    args = model.args
+    rngs = make_rngs(seed, len(prompts))
+    eos = tokenizer.eos_id if tokenizer is not None else LLAMA_EOS
+    rows = []
+    for p in prompts:
+        ids = _prompt_ids(p, tokenizer, args.vocab_size, args.max_seq_len)
+        decoder = tokenizer.stream(ids if text_context else ()) if tokenizer is not None else None
+        rows.append(_Row(ids, max_new_tokens, args.max_seq_len, eos, decoder, stop, logprobs))
+    as_text = [text_out or isinstance(p, str) for p in prompts]
+
+    if stream:
+        prompt_text = prompts[0] if isinstance(prompts[0], str) else None
+        return GenerationStream(model, rows[0], params, rngs[0], as_text[0], prompt_text, echo)
+
+    stats = Stats()
+    for _ in run(model, rows, params, rngs, stats):
+        pass
+    results = []
+    for p, row, is_text in zip(prompts, rows, as_text):
+        c = _finish(row, echo, p if isinstance(p, str) else None)
+        results.append(c if logprobs else (c.text if is_text else c.ids))
+    return results if batched else results[0]
