@@ -78,16 +78,23 @@ def load_meta(directory: Path, max_seq_len: int | None = None, progress: bool | 
         if len(parts) == 1 or axis is None:
             return parts[0]
         try:
-            return np.concatenate(parts, axis=axis)
+            merged = np.concatenate(parts, axis=axis)
         except ValueError:
             shapes = [p.shape for p in parts]
             raise CheckpointError(f"{directory}: shards of {name} have shapes {shapes} that do not "
                                   f"concatenate on dim {axis}") from None
+        for shard in shards:  # unmap the parts: their pages need not stay in RSS beside the merged copy
+            del shard[name]
+        return merged
 
     state = LazyStateDict({n: (lambda n=n: merge(n)) for n in names if n != "rope.freqs"}, source=directory)
     if "tok_embeddings.weight" not in state:
         raise CheckpointError(f"{directory}: no tok_embeddings.weight in the shards")
-    vocab = shards[0]["tok_embeddings.weight"].shape[0]
+    vocab, columns = shards[0]["tok_embeddings.weight"].shape
+    if isinstance(params.get("dim"), int) and columns * len(shards) != params["dim"]:
+        raise CheckpointError(f"{directory}: params.json has dim={params['dim']} but {len(shards)} shard(s) of "
+                              f"tok_embeddings.weight with {columns} columns each make {columns * len(shards)}: "
+                              "a consolidated.NN.pth shard is missing (or params.json belongs to another model)")
     if params.get("vocab_size", -1) not in (-1, None, vocab):
         raise ConfigError(f"{directory / 'params.json'}: vocab_size={params['vocab_size']} but "
                           f"tok_embeddings.weight has {vocab} rows")
