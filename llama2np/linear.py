@@ -1,53 +1,195 @@
 """Weight matrices and the one operation they take part in: y = x @ W.T.
 
 Weights are kept as the checkpoint stores them, shape (out_features,
-in_features) like ``torch.nn.Linear``. A float weight is converted to the
-compute dtype once. A bf16 weight under float32 compute stays bf16 (half the
-memory, usually a memory map) and is widened a tile of rows at a time into a
-reused buffer, so no weight-sized float32 copy ever exists.
+in_features) like ``torch.nn.Linear``. Several matrices that read the same
+input (wq, wk, wv; w1, w3) can share one ``Linear``: their rows are stacked, so
+one call computes all outputs side by side and ``split`` separates them.
+
+- A float weight is converted to the compute dtype once (stacked parts are
+  concatenated into one matrix).
+- A bf16 weight under float32 compute stays bf16 (half the memory, usually a
+  memory map; stacked parts are *not* copied) and is widened a tile of rows at
+  a time into a reused per-thread buffer, so no weight-sized float32 copy ever
+  exists.
+- ``Int8Linear`` holds int8 weights with one float scale per output row and
+  widens them tile by tile in the same way.
+
+Decoding (a few input rows) is bound by memory bandwidth: the tiles are then
+spread over ``parallel.num_threads()`` threads, each with one BLAS thread.
 """
 
 from __future__ import annotations
 
+import mmap
+import threading
+from typing import Sequence
+
 import numpy as np
 
-from .tensors import bf16_to_float32, is_bf16
+from .parallel import num_threads, run_parallel
+from .tensors import bf16_to_float32, is_bf16, to_float
 
-#: rows of a bf16 weight widened per tile: 256 rows x 4096 columns x 4 bytes = 4 MiB, cache-sized
-TILE_ROWS = 256
+#: floats per widened tile: 128K x 4 bytes = 512 KiB, a quarter of a core's L2 cache
+TILE_ELEMENTS = 128 * 1024
+
+#: up to this many input rows a call counts as decoding (bandwidth bound, our threads);
+#: above it the multiply is compute bound and BLAS's own threads do better
+DECODE_ROWS = 8
+
+_workspace = threading.local()  # per-thread tile buffers, shared by every Linear
 
 
 class Linear:
-    """A weight matrix W of shape (out_features, in_features); calling it computes x @ W.T."""
+    """Weight matrices W_1..W_n (out_i, in) stacked by rows; calling it computes x @ W.T.
 
-    def __init__(self, weight: np.ndarray, dtype: np.dtype):
+    ``weights``: one (out_features, in_features) array, or a list of them with
+    the same in_features. ``dtype``: the compute dtype.
+    """
+
+    def __init__(self, weights: np.ndarray | Sequence[np.ndarray], dtype: np.dtype):
+        parts = self._describe(weights, dtype)
+        self.tiled = all(is_bf16(w) for w in parts) and self.dtype == np.float32
+        if self.tiled:
+            self.parts = parts
+        else:
+            floats = [to_float(w, self.dtype) for w in parts]
+            self.weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
+            self.parts = [self.weight]
+        self._tiles = _tile_plan(self.parts, self.in_features)
+
+    def _describe(self, weights, dtype) -> list[np.ndarray]:
+        parts = [weights] if isinstance(weights, np.ndarray) else list(weights)
+        for w in parts:
+            if w.ndim != 2 or w.shape[1] != parts[0].shape[1]:
+                raise ValueError(f"linear weights must be 2-D with equal in_features, got "
+                                 f"{[tuple(p.shape) for p in parts]}")
         self.dtype = np.dtype(dtype)
-        if weight.ndim != 2:
-            raise ValueError(f"a linear weight must be 2-D, got shape {weight.shape}")
-        self.bf16 = is_bf16(weight) and self.dtype == np.float32
-        self.weight = weight if self.bf16 else np.asarray(_widen(weight), dtype=self.dtype)
-        self._tile: np.ndarray | None = None
+        self.sizes = [w.shape[0] for w in parts]  # out_features of each stacked matrix
+        self.in_features, self.out_features = parts[0].shape[1], sum(self.sizes)
+        return parts
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.weight.shape
+        return self.out_features, self.in_features
+
+    def split(self, y: np.ndarray) -> list[np.ndarray]:
+        """The outputs of the stacked matrices, as views: (..., out_features) -> [(..., out_i)]."""
+        return np.split(y, np.cumsum(self.sizes)[:-1], axis=-1)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (..., in_features) -> (..., out_features)
-        if not self.bf16:
+        if not self.tiled:
             return x @ self.weight.T
-        out_features, in_features = self.weight.shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, in_features)
-        y = np.empty((x2.shape[0], out_features), dtype=self.dtype)
-        if self._tile is None:
-            self._tile = np.empty((min(TILE_ROWS, out_features), in_features), dtype=np.float32)
-        for r0 in range(0, out_features, TILE_ROWS):
-            r1 = min(r0 + TILE_ROWS, out_features)
-            tile = bf16_to_float32(self.weight[r0:r1], out=self._tile[: r1 - r0])
-            np.matmul(x2, tile.T, out=y[:, r0:r1])
-        return y.reshape(*lead, out_features)
+        x2 = x.reshape(-1, self.in_features)
+        y = np.empty((x2.shape[0], self.out_features), dtype=self.dtype)
+        self._tiled_matmul(x2, y)
+        return y.reshape(*lead, self.out_features)
+
+    def _widen(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Stored rows as compute-dtype rows, written into ``out``."""
+        return bf16_to_float32(rows, out=out)
+
+    def _tiled_matmul(self, x2: np.ndarray, y: np.ndarray) -> None:
+        def work(tiles):
+            buf = _buffer(self.in_features, self.dtype)
+            for part, r0, r1, c0 in tiles:
+                tile = self._widen(self.parts[part][r0:r1], out=buf[: r1 - r0])
+                np.matmul(x2, tile.T, out=y[:, c0 : c0 + r1 - r0])
+
+        n = num_threads() if x2.shape[0] <= DECODE_ROWS else 1
+        n = min(n, len(self._tiles))
+        run_parallel(work, [self._tiles[i * len(self._tiles) // n : (i + 1) * len(self._tiles) // n]
+                            for i in range(n)])
 
 
-def _widen(weight: np.ndarray) -> np.ndarray:
-    return bf16_to_float32(weight) if is_bf16(weight) else weight
+class Int8Linear(Linear):
+    """Weight-only int8: W ~ q * scale[:, None], q int8 (out, in), one scale per output row.
+
+    Symmetric, round to nearest, scale = max|row| / 127. The scale is applied
+    to the output (y = (x @ q.T) * scale), so widening a tile is a plain
+    int8 -> float cast.
+    """
+
+    def __init__(self, weights: np.ndarray | Sequence[np.ndarray], dtype: np.dtype):
+        parts = self._describe(weights, dtype)
+        self.weight = np.empty(self.shape, dtype=np.int8)
+        scale = np.empty(self.out_features, dtype=np.float32)
+        for (w, r0) in zip(parts, np.cumsum([0] + self.sizes)):
+            quantize_int8(w, self.weight[r0 : r0 + w.shape[0]], scale[r0 : r0 + w.shape[0]])
+        self.scale = scale.astype(self.dtype)  # (out_features,)
+        self.tiled, self.parts = True, [self.weight]
+        self._tiles = _tile_plan(self.parts, self.in_features)
+
+    def _widen(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        np.copyto(out, rows, casting="unsafe")
+        return out
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = super().__call__(x)
+        y *= self.scale
+        return y
+
+
+def quantize_int8(weight: np.ndarray, q: np.ndarray | None = None,
+                  scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric int8: (q (out, in) int8, scale (out,) float32) with weight ~ q * scale[:, None].
+
+    Works tile by tile, so a bf16 memory map is never widened whole; the pages
+    of a memory-mapped weight are released once read. ``q`` and ``scale`` may
+    be given to write into.
+    """
+    out_features, in_features = weight.shape
+    q = np.empty((out_features, in_features), dtype=np.int8) if q is None else q
+    scale = np.empty(out_features, dtype=np.float32) if scale is None else scale
+    step = max(1, TILE_ELEMENTS // in_features)
+    for r0 in range(0, out_features, step):
+        w = to_float(weight[r0 : r0 + step], np.float32)
+        s = np.abs(w).max(axis=1) / 127.0
+        s[s == 0] = 1.0  # an all-zero row: any scale gives q = 0
+        np.rint(w / s[:, None], out=w)
+        q[r0 : r0 + step] = w
+        scale[r0 : r0 + step] = s
+    release_pages(weight)
+    return q, scale
+
+
+def release_pages(a: np.ndarray) -> None:
+    """Drop the resident pages of a read-only memory-mapped array from this process (no-op otherwise).
+
+    The data stays in the file (and the OS page cache); touching it again reads
+    it back. Used after a memory-mapped weight was converted, so converting a
+    checkpoint does not leave all of it counted in the process's memory.
+    """
+    base = a
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or not hasattr(base, "madvise") or not a.flags.c_contiguous:
+        return
+    start = np.frombuffer(base, dtype=np.uint8).ctypes.data
+    begin = a.ctypes.data - start
+    first = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the array only
+    last = (begin + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        base.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _tile_plan(parts: list[np.ndarray], in_features: int) -> list[tuple[int, int, int, int]]:
+    """(part, first row, end row, first output column) of every tile, in output order."""
+    step = max(1, TILE_ELEMENTS // in_features)
+    tiles, c0 = [], 0
+    for i, w in enumerate(parts):
+        for r0 in range(0, w.shape[0], step):
+            r1 = min(r0 + step, w.shape[0])
+            tiles.append((i, r0, r1, c0 + r0))
+        c0 += w.shape[0]
+    return tiles
+
+
+def _buffer(in_features: int, dtype: np.dtype) -> np.ndarray:
+    """This thread's reusable tile buffer for rows of ``in_features``."""
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    key = (in_features, dtype)
+    if key not in buffers:
+        buffers[key] = np.empty((max(1, TILE_ELEMENTS // in_features), in_features), dtype=dtype)
+    return buffers[key]

@@ -21,7 +21,8 @@ from typing import Mapping
 import numpy as np
 
 from .errors import ConfigError, InputError
-from .linear import Linear
+from .linear import DECODE_ROWS, Int8Linear, Linear
+from .parallel import blas_threads
 from .tensors import to_float
 
 
@@ -141,13 +142,11 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     by frequency i (HF reorders the rows of wq/wk so it can rotate halves
     instead; loaders undo that).
     """
-    pairs = x.reshape(*x.shape[:-1], -1, 2)  # (batch, seq, heads, head_dim/2, 2)
-    re, im = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (seq, 1, head_dim/2)
-    out = np.empty_like(pairs)
-    out[..., 0] = re * cos - im * sin
-    out[..., 1] = re * sin + im * cos
-    return out.reshape(x.shape)
+    # A (real, imaginary) pair is laid out exactly like one complex number, so the
+    # rotation is one complex multiply, as in Meta's code (view_as_complex).
+    pairs = np.ascontiguousarray(x).view(np.result_type(x.dtype, np.complex64))  # (batch, seq, heads, head_dim/2)
+    rotation = (cos + 1j * sin)[:, None, :]  # (seq, 1, head_dim/2)
+    return (pairs * rotation).view(x.dtype)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -183,16 +182,17 @@ class KVCache:
 class Attention:
     """Multi-head self-attention with grouped key/value heads and rotary positions."""
 
-    def __init__(self, args: ModelArgs, wq: Linear, wk: Linear, wv: Linear, wo: Linear):
+    def __init__(self, args: ModelArgs, wqkv: Linear, wo: Linear):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.wqkv, self.wo = wqkv, wo  # wqkv: wq, wk and wv stacked, one pass over x for all three
 
     def __call__(self, x, start_pos, cos, sin, mask, cache_k=None, cache_v=None):
         bsz, seqlen, _ = x.shape
         g, r, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
-        q = self.wq(x).reshape(bsz, seqlen, self.n_heads, hd)
-        k = self.wk(x).reshape(bsz, seqlen, g, hd)
-        v = self.wv(x).reshape(bsz, seqlen, g, hd)
+        q, k, v = self.wqkv.split(self.wqkv(x))
+        q = q.reshape(bsz, seqlen, self.n_heads, hd)
+        k = k.reshape(bsz, seqlen, g, hd)
+        v = v.reshape(bsz, seqlen, g, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         k = k.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, head_dim)
@@ -220,11 +220,12 @@ class Attention:
 class FeedForward:
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, w1: Linear, w2: Linear, w3: Linear):
-        self.w1, self.w2, self.w3 = w1, w2, w3
+    def __init__(self, w13: Linear, w2: Linear):
+        self.w13, self.w2 = w13, w2  # w13: w1 and w3 stacked, one pass over x for both
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.w2(silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13.split(self.w13(x))
+        return self.w2(silu(gate) * up)
 
 
 class TransformerBlock:
@@ -243,21 +244,28 @@ class TransformerBlock:
 class Transformer:
     """The whole network. ``forward`` maps token ids to next-token logits."""
 
-    def __init__(self, args: ModelArgs, params: Mapping[str, np.ndarray], dtype: str | np.dtype = "float32"):
+    def __init__(self, args: ModelArgs, params: Mapping[str, np.ndarray], dtype: str | np.dtype = "float32",
+                 quantize: str | None = None):
+        """``quantize``: None (weights as stored) or "int8" (weight-only, per-row scales)."""
         self.args, self.dtype = args, np.dtype(dtype)
+        if quantize not in (None, "int8"):
+            raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
+        linear = Int8Linear if quantize == "int8" else Linear
 
         def vec(name):  # norms are tiny: keep them in the compute dtype
             return to_float(params[name], self.dtype)
 
-        def lin(name):
-            return Linear(params[name], self.dtype)
+        def lin(*names):  # several names: their matrices stacked into one Linear
+            return linear([params[n] for n in names], self.dtype)
 
         self.tok_embeddings = params["tok_embeddings.weight"]  # (vocab, dim), any storage dtype
         self.layers = []
         for i in range(args.n_layers):
             p = f"layers.{i}."
-            attention = Attention(args, *(lin(p + f"attention.{w}.weight") for w in ("wq", "wk", "wv", "wo")))
-            ffn = FeedForward(*(lin(p + f"feed_forward.{w}.weight") for w in ("w1", "w2", "w3")))
+            attention = Attention(args, lin(*(p + f"attention.{w}.weight" for w in ("wq", "wk", "wv"))),
+                                  lin(p + "attention.wo.weight"))
+            ffn = FeedForward(lin(p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"),
+                              lin(p + "feed_forward.w2.weight"))
             self.layers.append(TransformerBlock(args, attention, ffn, vec(p + "attention_norm.weight"),
                                                 vec(p + "ffn_norm.weight")))
         self.norm = vec("norm.weight")
@@ -292,9 +300,11 @@ class Transformer:
         mask = None
         if seqlen > 1:  # token i attends to cached positions and to new positions <= i
             mask = np.triu(np.full((seqlen, end), -np.inf, dtype=self.dtype), k=start_pos + 1)
-        for i, layer in enumerate(self.layers):
-            ck = cache.k[i] if cache is not None else None
-            cv = cache.v[i] if cache is not None else None
-            h = layer(h, start_pos, cos, sin, mask, ck, cv)
-        h = rms_norm(h, self.norm, self.args.norm_eps)
-        return self.output(h)  # (batch, seq, vocab)
+        # Few rows: bandwidth-bound GEMVs, fastest with one BLAS thread (see parallel.py).
+        with blas_threads(1 if bsz * seqlen <= DECODE_ROWS else None):
+            for i, layer in enumerate(self.layers):
+                ck = cache.k[i] if cache is not None else None
+                cv = cache.v[i] if cache is not None else None
+                h = layer(h, start_pos, cos, sin, mask, ck, cv)
+            h = rms_norm(h, self.norm, self.args.norm_eps)
+            return self.output(h)  # (batch, seq, vocab)
