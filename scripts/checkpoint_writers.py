@@ -132,8 +132,7 @@ def write_pth(path: str | Path, specs: Sequence[TensorSpec], produce: Producer |
         zf.writestr(prefix + "byteorder", b"little")
         for i, spec in enumerate(specs):
             with zf.open(_stored_member(zf, f"{prefix}data/{i}", spec.nbytes), "w") as f:
-                for chunk in produce(spec):
-                    f.write(_bytes(chunk))
+                _write_tensor(f, spec, produce)
         zf.writestr(prefix + "version", b"3\n")
     return path
 
@@ -156,9 +155,17 @@ def write_safetensors(path: str | Path, specs: Sequence[TensorSpec], produce: Pr
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
         for spec in specs:
-            for chunk in produce(spec):
-                f.write(_bytes(chunk))
+            _write_tensor(f, spec, produce)
     return path
+
+
+def _write_tensor(f, spec: TensorSpec, produce: Producer) -> None:
+    written = 0
+    for chunk in produce(spec):
+        written += f.write(_bytes(chunk))
+    if written != spec.nbytes:
+        raise ValueError(f"{spec.name}: produced {written} bytes, its shape {spec.shape} {spec.dtype} needs "
+                         f"{spec.nbytes}")
 
 
 def _bytes(chunk: np.ndarray | bytes) -> bytes | memoryview:

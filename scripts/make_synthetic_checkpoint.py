@@ -58,6 +58,10 @@ def shard_axis(name: str) -> int | None:
 
 def write_meta(out: Path, args: ModelArgs, source: Source, dtype: str, n_shards: int = 1) -> None:
     """params.json + consolidated.00.pth ... split the way Meta's release is."""
+    derived = ModelArgs(**dict(args.to_params(), hidden_dim=None)).ffn_hidden_dim
+    if args.ffn_hidden_dim != derived:
+        raise ValueError(f"hidden_dim={args.hidden_dim} cannot be expressed in a Meta params.json "
+                         f"(dim, multiple_of, ffn_dim_multiplier give {derived})")
     out.mkdir(parents=True, exist_ok=True)
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "multiple_of": args.multiple_of,
               "norm_eps": args.norm_eps, "vocab_size": -1}
