@@ -1,0 +1,5 @@
+"""``python -m llama2np``: see llama2np.cli."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""The command line: ``python -m llama2np generate | chat | perplexity | logits``.
+
+Text goes to stdout; what the program says about itself (which model, speed,
+warnings, errors) goes to stderr. Errors are one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import InputError, Llama2npError
+
+PROG = "llama2np"
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT_SUFFIXES = (".bin", ".pth", ".safetensors")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _say(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+# --- which model -----------------------------------------------------------------------
+
+
+def _is_checkpoint(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix in CHECKPOINT_SUFFIXES
+    if path.is_dir():
+        return any((path / name).is_file() for name in ("params.json", "config.json")) or any(
+            p.suffix in CHECKPOINT_SUFFIXES for p in path.iterdir())
+    return False
+
+
+def find_default_model(roots: Sequence[Path] | None = None) -> tuple[Path, str]:
+    """The model to use when no --model is given, and why.
+
+    The one user checkpoint under weights/ (anything but weights/demo), else the demo model
+    weights/demo. weights/ is looked for in the current directory, then beside the package.
+    """
+    if roots is None:
+        roots = [Path("weights"), PACKAGE_ROOT / "weights"]
+    looked = []
+    for root in roots:
+        if str(root.resolve()) in looked:
+            continue
+        looked.append(str(root.resolve()))
+        if not root.is_dir():
+            continue
+        user = [p for p in sorted(root.iterdir()) if p.name != "demo" and _is_checkpoint(p)]
+        demo = root / "demo"
+        if len(user) == 1:
+            return user[0], f"using {user[0]} (the checkpoint under {root}/; --model chooses another)"
+        if _is_checkpoint(demo):
+            why = (f"several checkpoints under {root}/ ({', '.join(p.name for p in user)}), so " if user else "")
+            return demo, f"{why}using the demo model {demo} (--model chooses another)"
+        if user:
+            raise InputError(f"several checkpoints under {root}/ ({', '.join(p.name for p in user)}): "
+                             "choose one with --model")
+    raise InputError(f"no --model given and no checkpoint under {' or '.join(looked)}: pass --model PATH "
+                     "(a Meta or Hugging Face directory, or a llama2.c .bin)")
+
+
+def load_model(args):
+    from .llama import Llama2
+
+    path = args.model
+    if path is None:
+        path, why = find_default_model()
+        _say(why)
+    return Llama2.from_pretrained(path, dtype=args.dtype, tokenizer_path=args.tokenizer,
+                                  max_seq_len=args.max_seq_len)
+
+
+# --- the commands ----------------------------------------------------------------------
+
+
+def cmd_generate(args) -> int:
+    model = load_model(args)
+    stream = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, stream=True)
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    for piece in stream:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    _say(stream.stats.summary())
+    return 0
+
+
+def cmd_chat(args) -> int:
+    model = load_model(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _say("chat: type a message and press Enter; Ctrl-D ends the chat")
+    while True:
+        try:
+            user = input("> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print()
+            return 0
+        if not user.strip():
+            continue
+        if not interactive:
+            print(f"> {user}")
+        messages.append({"role": "user", "content": user})
+        try:
+            stream = model.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True)
+        except InputError as e:  # the conversation outgrew the context: start again from this message
+            _say(f"{e}; starting a new conversation")
+            messages = system + [messages[-1]]
+            stream = model.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print(flush=True)
+        messages.append({"role": "assistant", "content": stream.completion.text})
+        _say(stream.stats.summary())
+
+
+def cmd_perplexity(args) -> int:
+    from .perplexity import perplexity
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{args.file}: cannot read text ({e})") from None
+    model = load_model(args)
+    result = perplexity(model.model, model.tokenizer.encode(text), args.window, args.stride)
+    print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
+          f"({result.nll:.4f} nats/token)")
+    _say(f"{result.tokens_per_s:.1f} tokens/s ({result.seconds:.2f} s)")
+    return 0
+
+
+def cmd_logits(args) -> int:
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".npz"):
+        raise InputError(f"--out {out}: the file name must end in .npy or .npz")
+    model = load_model(args)
+    if args.ids is not None:
+        try:
+            ids = [int(t) for t in args.ids.replace(",", " ").split()]
+        except ValueError:
+            raise InputError(f'--ids must be token ids separated by spaces, e.g. "1 450 4996"; got {args.ids!r}') \
+                from None
+    else:
+        ids = model.tokenizer.encode(args.prompt, bos=True)
+    logits = model.logits(ids)  # (seq, vocab)
+    if out.suffix == ".npz":
+        np.savez(out, logits=logits, ids=np.asarray(ids, dtype=np.int64))
+    else:
+        np.save(out, logits)
+    _say(f"wrote {out}: logits {logits.shape} {logits.dtype} for ids {ids}")
+    return 0
+
+
+# --- the parser ------------------------------------------------------------------------
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="PATH",
+                   help="checkpoint: a Meta directory (params.json + consolidated.*.pth), a Hugging Face directory "
+                        "or a llama2.c .bin (default: the one under weights/, else the demo model weights/demo)")
+    g.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model (default: found beside the checkpoint)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="compute precision (default: float32)")
+    g.add_argument("--max-seq-len", type=int, metavar="N", help="context length to use (default: the model's)")
+
+
+def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help=f"stop after N new tokens (default: {max_new_tokens})")
+    g.add_argument("--temperature", type=float, default=0.6, metavar="T", help="0 = greedy (default: 0.6)")
+    g.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling mass, in (0, 1] "
+                                                                         "(default: 0.9)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest (default: off)")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed, for repeatable sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Llama 2 inference in pure NumPy: generate text, chat, score text, "
+                                            "dump logits.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text",
+                       description="Continue a prompt, printing text as it is generated; prompt and generation "
+                                   "speed go to stderr at the end.")
+    p.add_argument("--prompt", default="", metavar="TEXT", help='text to continue (default: "", start from BOS)')
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
+    _model_options(p)
+    _sampling_options(p, 256)
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in Meta's Llama 2 chat format",
+                       description="Chat with a Llama 2 chat model in the terminal ([INST] format). "
+                                   "Type a message, Enter to send; Ctrl-D ends the chat.")
+    p.add_argument("--system", metavar="TEXT", help="system prompt (<<SYS>> block of the first turn)")
+    _model_options(p)
+    _sampling_options(p, 512)
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file",
+                       description="Perplexity of a UTF-8 text file (BOS prepended), read in sliding windows "
+                                   "of the context length.")
+    p.add_argument("--file", required=True, metavar="TEXT", help="the text file to score")
+    p.add_argument("--window", type=int, metavar="N", help="tokens per window (default: the context length)")
+    p.add_argument("--stride", type=int, metavar="N", help="tokens between window starts (default: window / 2)")
+    _model_options(p)
+    p.set_defaults(run=cmd_perplexity)
+
+    p = sub.add_parser("logits", help="dump next-token logits to .npy / .npz",
+                       description="Write the logits of every position, (seq, vocab), for golden tests of other "
+                                   "engines. .npz also stores the ids.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="text, tokenized with BOS")
+    src.add_argument("--ids", metavar='"1 2 3"', help="token ids, space separated")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file, .npy or .npz")
+    _model_options(p)
+    p.set_defaults(run=cmd_logits)
+    return parser
+
+
+def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    _say(f"warning: {message}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("choose a command: generate, chat, perplexity or logits")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _warn_one_line
+        try:
+            return args.run(args)
+        except Llama2npError as e:
+            _say(f"error: {e}")
+            return 2
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # e.g. piped into head
+            return 0
