@@ -4,7 +4,8 @@
 The expected logits come from an implementation independent of llama2np:
 Hugging Face transformers' ``LlamaForCausalLM`` run in float64, cross-checked
 against a direct float64 torch transcription of Meta's formulas (the two must
-agree to ~1e-12). Nothing here imports llama2np.
+agree to ~1e-12). Nothing here imports llama2np. The float64 reference computation lives in
+``golden_reference.py`` beside this script.
 
 Fixtures written (one directory each, plus ``manifest.json`` describing them):
   * Meta-layout checkpoints (``params.json`` + ``consolidated.00.pth``) of
@@ -23,19 +24,18 @@ Usage (needs the ``reference`` extra: torch, transformers):
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import math
 import shutil
-import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from golden_reference import reference_logits
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -120,52 +120,6 @@ def random_hf_model(spec: Spec) -> LlamaForCausalLM:
             scale = (2.5 if name == "lm_head.weight" else 1.0) / math.sqrt(p.shape[1])
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return model.to(torch.bfloat16) if spec.storage == "bfloat16" else model
-
-
-# --- HF in true float64 --------------------------------------------------------------------
-# model.double() alone is not float64 in transformers 5.x: LlamaRotaryEmbedding.forward
-# computes position * inv_freq, cos and sin in float32 (inv_freq itself is built in
-# float32), LlamaRMSNorm upcasts to float32 (a downcast for a float64 input), and the
-# eager attention runs softmax in float32. Each would cap agreement near 1e-7 and make a
-# float64 llama2np test (1e-5 on logits of size ~5) measure HF's rounding, not ours.
-# So the two modules' forwards are replaced by the same formulas computed in the input's
-# dtype, and attention uses torch's SDPA, which computes in float64 for float64 inputs.
-# meta_reference_logits below is the proof: it agrees with the patched HF to ~1e-12.
-
-
-def _rotary_forward_float64(self, x, position_ids):
-    head_dim = self.config.hidden_size // self.config.num_attention_heads
-    theta = self.config.rope_parameters["rope_theta"]
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    freqs = position_ids[..., None].to(torch.float64) * inv_freq  # (batch, seq, head_dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # HF's rotate-half layout
-    return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-
-
-def _rms_norm_forward_native(self, hidden_states):
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-
-def float64_hf(model: LlamaForCausalLM) -> LlamaForCausalLM:
-    """A float64 copy of ``model`` that really computes every step in float64."""
-    ref = copy.deepcopy(model).double().eval()
-    ref.config._attn_implementation = "sdpa"
-    for module in ref.modules():
-        if isinstance(module, LlamaRMSNorm):
-            module.forward = types.MethodType(_rms_norm_forward_native, module)
-    rotary = ref.model.rotary_emb
-    rotary.forward = types.MethodType(_rotary_forward_float64, rotary)
-    cos, _ = rotary(torch.zeros(1, dtype=torch.float64), torch.arange(4)[None])
-    assert cos.dtype == torch.float64, "rotary patch did not take"
-    return ref
-
-
-@torch.no_grad()
-def hf_logits(ref: LlamaForCausalLM, ids: np.ndarray) -> np.ndarray:
-    out = ref(torch.from_numpy(ids)[None], use_cache=False).logits[0]
-    assert out.dtype == torch.float64
-    return out.numpy()
 
 
 # --- Meta layout ---------------------------------------------------------------------------
@@ -283,55 +237,6 @@ def save_hf(model: LlamaForCausalLM, spec: Spec, directory: Path, n_files: int, 
     (directory / "generation_config.json").unlink(missing_ok=True)
 
 
-# --- an independent float64 transcription of Meta's model.py -------------------------------
-
-
-def meta_reference_logits(state: dict[str, torch.Tensor], spec: Spec, ids: np.ndarray) -> np.ndarray:
-    """Meta's forward pass (complex-number RoPE on interleaved pairs) in float64 torch."""
-    w = {k: v.to(torch.float64) for k, v in state.items()}
-    hd, seq = spec.head_dim, len(ids)
-    freqs = 1.0 / spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64)[: hd // 2] / hd)
-    cis = torch.polar(torch.ones(seq, hd // 2, dtype=torch.float64),
-                      torch.outer(torch.arange(seq, dtype=torch.float64), freqs))  # (seq, hd/2)
-
-    def norm(x, weight):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + spec.norm_eps) * weight
-
-    def rope(x):  # (seq, heads, hd)
-        xc = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
-        return torch.view_as_real(xc * cis[:, None, :]).flatten(2)
-
-    mask = torch.triu(torch.full((seq, seq), float("-inf"), dtype=torch.float64), diagonal=1)
-    h = w["tok_embeddings.weight"][torch.from_numpy(ids)]
-    for i in range(spec.n_layers):
-        p = f"layers.{i}."
-        x = norm(h, w[p + "attention_norm.weight"])
-        q = rope((x @ w[p + "attention.wq.weight"].T).view(seq, spec.n_heads, hd))
-        k = rope((x @ w[p + "attention.wk.weight"].T).view(seq, spec.n_kv_heads, hd))
-        v = (x @ w[p + "attention.wv.weight"].T).view(seq, spec.n_kv_heads, hd)
-        rep = spec.n_heads // spec.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd) + mask
-        att = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v).reshape(seq, -1)
-        h = h + att @ w[p + "attention.wo.weight"].T
-        x = norm(h, w[p + "ffn_norm.weight"])
-        gate = torch.nn.functional.silu(x @ w[p + "feed_forward.w1.weight"].T)
-        h = h + (gate * (x @ w[p + "feed_forward.w3.weight"].T)) @ w[p + "feed_forward.w2.weight"].T
-    return (norm(h, w["norm.weight"]) @ w["output.weight"].T).numpy()
-
-
-def reference_logits(model: LlamaForCausalLM, spec: Spec, ids: np.ndarray) -> np.ndarray:
-    """HF float64 logits, checked against the Meta transcription and for spread."""
-    logits = hf_logits(float64_hf(model), ids)
-    meta = meta_reference_logits(meta_state_dict(model, spec), spec, ids)
-    gap = float(np.abs(logits - meta).max())
-    assert gap < 1e-10, f"{spec.name}: HF float64 and Meta-formula logits differ by {gap:.2e}"
-    std = float(logits.std())
-    assert std > 0.5, f"{spec.name}: logits too flat (std {std:.3f}) to catch bugs"
-    print(f"  {spec.name:<10} storage={spec.storage:<8} logits std {std:.2f}  |HF - Meta formulas| {gap:.1e}")
-    return logits
-
-
 def random_ids(spec: Spec) -> np.ndarray:
     rng = np.random.default_rng(1000 + spec.seed)
     return np.concatenate([[BOS], rng.integers(3, spec.vocab_size, spec.n_ids)]).astype(np.int64)
@@ -397,7 +302,7 @@ def make_stories260k(out: Path, n_prompt: int = 48) -> dict:
 
     greedy = [int(x) for x in (SHARED / "reference" / "stories260K_greedy_200_ids.txt").read_text().split()]
     ids = np.array(greedy[: n_prompt + 1], dtype=np.int64)
-    logits = reference_logits(model, spec, ids)
+    logits = reference_logits(model, meta_state_dict(model, spec), spec, ids)
     # llama2.c's greedy run is the truth for the model's argmax: HF must reproduce it.
     agree = np.argmax(logits[:-1], axis=-1) == ids[1:]
     assert agree.all(), f"stories260K: HF argmax departs from llama2.c's greedy ids at {np.flatnonzero(~agree)}"
@@ -405,8 +310,8 @@ def make_stories260k(out: Path, n_prompt: int = 48) -> dict:
     save_reference(out / "stories260K" / "reference.npz", ids, logits,
                    source="../shared/data/stories260K/stories260K.bin",
                    sha256=hashlib.sha256(path.read_bytes()).hexdigest(), header=header)
-    return {"kind": "llama2c", "shared": ["stories260K", "stories260K.bin"], "tokenizer": ["stories260K", "tok512.model"],
-            "reference": "stories260K/reference.npz"}
+    return {"kind": "llama2c", "shared": ["stories260K", "stories260K.bin"],
+            "tokenizer": ["stories260K", "tok512.model"], "reference": "stories260K/reference.npz"}
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -428,8 +333,8 @@ def main() -> None:
         model = random_hf_model(spec)
         ids = random_ids(spec)
         save_meta(model, spec, out / spec.name)
-        save_reference(out / spec.name / "reference.npz", ids, reference_logits(model, spec, ids), **asdict(spec),
-                       hidden_dim=spec.hidden_dim)
+        logits = reference_logits(model, meta_state_dict(model, spec), spec, ids)
+        save_reference(out / spec.name / "reference.npz", ids, logits, **asdict(spec), hidden_dim=spec.hidden_dim)
         manifest[spec.name] = {"kind": "meta", "dir": spec.name, "reference": f"{spec.name}/reference.npz",
                                "storage": spec.storage}
 
@@ -441,8 +346,8 @@ def main() -> None:
         model = base.to(torch.bfloat16) if storage == "bfloat16" else base
         ref = f"layouts/reference_{storage}.npz"
         (out / "layouts").mkdir(exist_ok=True)
-        save_reference(out / ref, ids, reference_logits(model, spec, ids), **asdict(spec),
-                       hidden_dim=spec.hidden_dim)
+        logits = reference_logits(model, meta_state_dict(model, spec), spec, ids)
+        save_reference(out / ref, ids, logits, **asdict(spec), hidden_dim=spec.hidden_dim)
         tag = "fp32" if storage == "float32" else "bf16"
         writers = {
             f"meta_{tag}": lambda d: save_meta(model, spec, d, n_shards=1),

@@ -73,7 +73,8 @@ def check_against_reference(label: str, model: Llama2, ids: np.ndarray, referenc
           f"cache-vs-full {err_inc_full:.2e}")
     assert err_full <= TOLERANCE[dtype], f"{label} ({dtype}): full-sequence logits off by {err_full:.2e}"
     assert err_cache <= TOLERANCE[dtype], f"{label} ({dtype}): KV-cache logits off by {err_cache:.2e}"
-    assert err_inc_full <= incremental_tolerance(dtype, reference), f"{label} ({dtype}): cache vs full differ by {err_inc_full:.2e}"
+    assert err_inc_full <= incremental_tolerance(dtype, reference), \
+        f"{label} ({dtype}): KV-cache and full-sequence logits differ by {err_inc_full:.2e}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
