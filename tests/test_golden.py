@@ -18,6 +18,7 @@ import pytest
 
 from conftest import shared_path
 from llama2np import Llama2
+from llama2np.loaders import load_checkpoint
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
@@ -88,6 +89,12 @@ def test_checkpoint_matches_reference(name: str, dtype: str):
         assert getattr(args, key) == meta[key], f"{name}: {key} = {getattr(args, key)}, expected {meta[key]}"
     assert args.ffn_hidden_dim == meta["hidden_dim"]
     check_against_reference(name, model, ids, reference, dtype)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_layout_is_detected(name: str):
+    entry = MANIFEST[name]
+    assert load_checkpoint(GOLDEN / entry["dir"]).layout == entry["kind"]
 
 
 def test_fixtures_cover_the_configurations():
