@@ -46,9 +46,10 @@ class Stats:
     """Token counts and wall time of a generate call: prefill (prompt) and decode (new tokens)."""
 
     prompt_tokens: int = 0
-    prompt_seconds: float = 0.0
+    prompt_seconds: float = 0.0  # the prefill call (which also yields the first new token)
     new_tokens: int = 0
-    new_seconds: float = 0.0
+    decode_steps: int = 0  # new tokens made by the one-position calls after the prefill
+    new_seconds: float = 0.0  # time of those calls
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -56,7 +57,7 @@ class Stats:
 
     @property
     def new_tokens_per_s(self) -> float:
-        return self.new_tokens / self.new_seconds if self.new_seconds else float("nan")
+        return self.decode_steps / self.new_seconds if self.new_seconds else float("nan")
 
     def summary(self) -> str:
         return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tokens_per_s:.1f} tokens/s | "
@@ -169,11 +170,12 @@ def run(model: Transformer, rows: list[_Row], params: SamplingParams, rngs: list
             for j, i in enumerate(rows_gen):
                 events.append((int(i), rows[i].push(int(next_ids[j]), None if lps is None else float(lps[j]))))
         elapsed = time.perf_counter() - t0
+        stats.new_tokens += int(gen.sum())
         if prev == 0:
             stats.prompt_seconds += elapsed
         else:
             stats.new_seconds += elapsed
-            stats.new_tokens += int(gen.sum())
+            stats.decode_steps += int(gen.sum())
         prev = cur
         yield events
         finished = np.array([rows[i].done for i in active])
