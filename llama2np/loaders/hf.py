@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError
 from ..model import ModelArgs
+from ..tensors import is_bf16
 from .common import LazyStateDict, make_args, progress_bar
 from .safetensors_file import open_safetensors
 from .torch_pickle import load_pth
@@ -56,9 +57,10 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """
     out_features, in_features = w.shape
     half = out_features // n_heads // 2
+    bits = w.view(np.uint16) if is_bf16(w) else w  # copying a structured dtype is slow; its bits are not
     # (out, in) -> (heads, 2, half, in) -> (heads, half, 2, in) -> (out, in)
-    return np.ascontiguousarray(w.reshape(n_heads, 2, half, in_features).transpose(0, 2, 1, 3)).reshape(
-        out_features, in_features)
+    rows = np.ascontiguousarray(bits.reshape(n_heads, 2, half, in_features).transpose(0, 2, 1, 3))
+    return rows.reshape(out_features, in_features).view(w.dtype)
 
 
 def is_hf_dir(path: Path) -> bool:
