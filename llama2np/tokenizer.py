@@ -47,38 +47,50 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Incremental detokenisation: ``push(id)`` returns the new text it completes, maybe "".
+    """Incremental detokenisation: ``push(id)`` returns the text that id completes, maybe "".
 
-    The pieces joined equal ``decode(context + ids)`` minus ``decode(context)``
-    (with no context: exactly ``decode(ids)``). Text is re-derived from the
-    whole sequence each time, so sentencepiece's own rules (the leading space of
-    the first piece, byte-fallback pieces) apply unchanged; only text that cannot
-    change any more is released. A trailing U+FFFD means byte-fallback pieces
-    that do not yet form a whole UTF-8 character, so it is held back until the
-    character completes (or ``flush`` at the end).
+    Joined, the pieces are exactly ``decode(ids)``; after ``context`` ids they are
+    the text the new ids add to the context. Sentencepiece's own decoder does the
+    work (the leading space of the first piece, byte-fallback pieces), applied to a
+    short window: the ids from the last plain piece (an "anchor": not a byte,
+    control, unknown or whitespace-only piece) on, with the anchor's own text cut off. A trailing
+    U+FFFD means byte pieces that do not yet form a whole UTF-8 character, so that
+    text is held back until the character completes (or ``flush`` at the end).
     """
 
     def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = [int(i) for i in context]
-        self.skip = len(tokenizer.decode(self.ids)) if self.ids else 0  # context text, not ours to print
-        self.emitted = ""  # text released so far (after the context)
+        self.tokenizer, self.sp = tokenizer, tokenizer.sp
+        self.window: list[int] = []  # ids from the anchor (at index 0) on; all ids while there is no anchor
+        self.anchored = False
+        self.anchor_len = 0  # characters of the anchor's own text at the start of the window's text
+        self.emitted = ""  # text released after the anchor
+        for token in context:
+            self.push(token)
 
     def _text(self) -> str:
-        return self.tokenizer.decode(self.ids)[self.skip:]
+        return self.sp.Decode(self.window)[self.anchor_len:]
 
     def push(self, token: int) -> str:
-        self.ids.append(int(token))
+        token = int(token)
+        if not 0 <= token < self.tokenizer.vocab_size:
+            raise TokenizerError(f"token id {token} is outside the vocabulary [0, {self.tokenizer.vocab_size})")
+        self.window.append(token)
         text = self._text()
         if text.endswith("\ufffd") or not text.startswith(self.emitted):
             return ""
-        return self._release(text)
+        piece, self.emitted = text[len(self.emitted):], text
+        sp = self.sp
+        plain = not (sp.IsControl(token) or sp.IsByte(token) or sp.IsUnknown(token) or sp.IsUnused(token))
+        if plain and sp.IdToPiece(token).strip("\u2581"):
+            # everything up to this piece is final: it becomes the new anchor. Whitespace-only pieces
+            # cannot anchor: some models' decoders strip all the leading whitespace of a sequence.
+            self.window, self.anchored, self.emitted = [token], True, ""
+            self.anchor_len = len(sp.Decode([token]))
+        return piece
 
     def flush(self) -> str:
         """Whatever is still held back (an unfinished character prints as U+FFFD)."""
-        return self._release(self._text())
-
-    def _release(self, text: str) -> str:
+        text = self._text()
         if not text.startswith(self.emitted):  # cannot happen with sentencepiece; never reprint
             return ""
         piece, self.emitted = text[len(self.emitted):], text
