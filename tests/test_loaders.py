@@ -26,7 +26,8 @@ from checkpoint_writers import (BF16, PROTO, REDUCE, STOP, op_global, op_str, op
                                 write_pth, write_safetensors)
 from make_synthetic_checkpoint import write_hf, write_llama2c, write_meta  # noqa: E402
 
-ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=16)  # hidden 96
+# hidden size 96, derived from dim and multiple_of as Meta's params.json implies
+ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=16)
 IDS = [1, 5, 9, 33, 2, 17]
 
 
@@ -93,6 +94,13 @@ def test_a_file_inside_a_checkpoint_dir_loads_the_dir(state, tmp_path):
     write_meta(tmp_path / "meta", ARGS, source_of(state), "float32")
     assert load_checkpoint(tmp_path / "hf" / "model.safetensors").source == tmp_path / "hf"
     assert load_checkpoint(tmp_path / "meta" / "consolidated.00.pth").source == tmp_path / "meta"
+
+
+def rewrite_safetensors(path: Path, edit) -> None:
+    """Rewrite a .safetensors file with ``edit(dict of arrays)`` applied."""
+    from llama2np.loaders.safetensors_file import open_safetensors
+    tensors = {k: np.array(f()) for k, f in open_safetensors(path).items()}
+    write_safetensors(path, None, state=edit(tensors))
 
 
 def test_tied_hf_embeddings_without_lm_head(state, tmp_path):
@@ -175,13 +183,6 @@ def test_missing_shard(layout, remove, match, state, tmp_path):
         Llama2.from_pretrained(tmp_path)
 
 
-def rewrite_safetensors(path: Path, edit) -> None:
-    """Rewrite a .safetensors file with ``edit(dict of arrays)`` applied."""
-    from llama2np.loaders.safetensors_file import open_safetensors
-    tensors = {k: np.array(f()) for k, f in open_safetensors(path).items()}
-    write_safetensors(path, None, state=edit(tensors))
-
-
 def test_missing_tensor_in_safetensors_file(state, tmp_path):
     write_hf(tmp_path, ARGS, source_of(state), "float32")
     rewrite_safetensors(tmp_path / "model.safetensors",
@@ -203,7 +204,8 @@ def test_wrong_tensor_shape(layout, state, tmp_path):
     WRITERS[layout](tmp_path, source_of(state), "float32")
     short = np.zeros((ARGS.ffn_hidden_dim - 8, ARGS.dim), np.float32)
     if layout == "meta":
-        write_pth(tmp_path / "consolidated.00.pth", None, state=dict(state, **{"layers.0.feed_forward.w1.weight": short}))
+        bad = dict(state, **{"layers.0.feed_forward.w1.weight": short})
+        write_pth(tmp_path / "consolidated.00.pth", None, state=bad)
     else:
         rewrite_safetensors(tmp_path / "model.safetensors",
                             lambda t: dict(t, **{"model.layers.0.mlp.gate_proj.weight": short}))
