@@ -109,7 +109,11 @@ def cmd_chat(args) -> int:
     messages = list(system)
     interactive = sys.stdin.isatty()
     if interactive:
-        _say("chat: type a message and press Enter; Ctrl-D ends the chat")
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        _say("chat: type a message and press Enter; Ctrl-C stops an answer, Ctrl-D ends the chat")
     while True:
         try:
             user = input("> " if interactive else "")
@@ -130,12 +134,19 @@ def cmd_chat(args) -> int:
             messages = system + [messages[-1]]
             stream = model.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True)
-        for piece in stream:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        print(flush=True)
-        messages.append({"role": "assistant", "content": stream.completion.text})
-        _say(stream.stats.summary())
+        answer = []
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                answer.append(piece)
+        except KeyboardInterrupt:  # stop this answer, keep what was said, go on chatting
+            print(flush=True)
+            _say("(answer stopped)")
+        else:
+            print(flush=True)
+            _say(stream.stats.summary())
+        messages.append({"role": "assistant", "content": "".join(answer)})
 
 
 def cmd_perplexity(args) -> int:

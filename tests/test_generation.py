@@ -143,6 +143,8 @@ def test_stories260k_text_batch_stream_stop_echo(stories):
     assert prompts[1] + stories.generate(prompts[1], seed=8, **kw) == stories.tokenizer.decode(
         stories.tokenizer.encode(prompts[1]) + ids)
     assert stories.generate(prompts[0], seed=7, echo=True, **kw) == prompts[0] + batch[0]
+    echoed = list(stories.generate(prompts[0], seed=7, echo=True, stream=True, **kw))
+    assert echoed[0] == prompts[0] and "".join(echoed[1:]) == batch[0]
 
     full = stories.generate("Once upon a time", max_new_tokens=120, temperature=0)
     assert "Lily" in full
