@@ -35,7 +35,7 @@ class Completion:
     """One finished generation."""
 
     ids: list[int]  # new token ids (the prompt's first when echo=True); EOS is not included
-    text: str | None  # the new text (after the prompt); None for an id prompt without a tokenizer
+    text: str | None  # the new text (after the prompt; cut before a stop string); None for id prompts
     logprobs: list[float] | None  # log p of each new token under the model (temperature 1), if asked
     finish_reason: str  # "eos", "length" (max_new_tokens), "stop" (a stop string) or "context"
     prompt_ids: list[int] = field(default_factory=list)
@@ -284,18 +284,19 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompt, max_new_to
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stop):
         raise InputError(f"stop must be a non-empty str or a list of them, got {stop!r}")
-    if tokenizer is None and (stop or any(isinstance(p, str) for p in prompts)):
-        tokenizer_needed = "stop strings" if stop else "a text prompt"
-        raise InputError(f"{tokenizer_needed} need a tokenizer; this model has none (pass token ids)")
+    if tokenizer is None and (stop or text_out or any(isinstance(p, str) for p in prompts)):
+        what = "stop strings need" if stop else "a text prompt needs"
+        raise InputError(f"{what} a tokenizer and this model has none: pass token ids, or tokenizer_path= "
+                         "to from_pretrained")
     args = model.args
     rngs = make_rngs(seed, len(prompts))
     eos = tokenizer.eos_id if tokenizer is not None else LLAMA_EOS
-    rows = []
-    for p in prompts:
-        ids = _prompt_ids(p, tokenizer, args.vocab_size, args.max_seq_len)
-        decoder = tokenizer.stream(ids if text_context else ()) if tokenizer is not None else None
-        rows.append(_Row(ids, max_new_tokens, args.max_seq_len, eos, decoder, stop, logprobs))
     as_text = [text_out or isinstance(p, str) for p in prompts]
+    rows = []
+    for p, text in zip(prompts, as_text):
+        ids = _prompt_ids(p, tokenizer, args.vocab_size, args.max_seq_len)
+        decoder = tokenizer.stream(ids if text_context else ()) if text or stop else None
+        rows.append(_Row(ids, max_new_tokens, args.max_seq_len, eos, decoder, stop, logprobs))
 
     if stream:
         prompt_text = prompts[0] if isinstance(prompts[0], str) else None
