@@ -299,3 +299,14 @@ def test_checkpoint_without_tokenizer_still_runs(state, tmp_path):
     assert model.logits(IDS).shape == (len(IDS), ARGS.vocab_size)
     with pytest.raises(TokenizerError, match=str(ckpt / "tokenizer.model")):
         model.tokenizer
+
+
+def test_merged_meta_tensor_can_be_built_again(state, tmp_path):
+    """Merging drops the shard maps; a tensor released by its consumer is merged again from the files."""
+    write_meta(tmp_path, ARGS, source_of(state), "float32", n_shards=2)
+    ckpt = load_checkpoint(tmp_path)
+    name = "layers.1.attention.wq.weight"
+    first = np.array(ckpt.state[name])
+    ckpt.state._cache.pop(name, None)  # as LazyStateDict.release does
+    np.testing.assert_array_equal(ckpt.state[name], first)
+    np.testing.assert_array_equal(first, state[name])

@@ -66,15 +66,17 @@ def load_meta(directory: Path, max_seq_len: int | None = None, progress: bool | 
     """(ModelArgs, state dict in Meta naming) for a Meta checkpoint directory."""
     directory = Path(directory)
     params = read_params(directory)
-    shards = [load_pth(p) for p in progress_bar(shard_paths(directory), "loading shards", progress)]
+    paths = shard_paths(directory)
+    shards = [load_pth(p) for p in progress_bar(paths, "loading shards", progress)]
     names = list(shards[0])
-    for path, shard in zip(shard_paths(directory)[1:], shards[1:]):
+    for path, shard in zip(paths[1:], shards[1:]):
         if set(shard) != set(names):
             diff = sorted(set(names) ^ set(shard))[:3]
             raise CheckpointError(f"{path}: holds different tensors than the first shard (e.g. {diff})")
 
     def merge(name: str) -> np.ndarray:
-        parts = [s[name] for s in shards]
+        # a part dropped after an earlier merge (see below) is mapped again from its file
+        parts = [s[name] if name in s else load_pth(p)[name] for s, p in zip(shards, paths)]
         axis = _concat_axis(name)
         if len(parts) == 1 or axis is None:
             return parts[0]
@@ -90,7 +92,7 @@ def load_meta(directory: Path, max_seq_len: int | None = None, progress: bool | 
             raise CheckpointError(f"{directory}: shards of {name} have shapes {shapes} that do not "
                                   f"concatenate on dim {axis}") from None
         for shard in shards:  # unmap the parts: their pages need not stay in RSS beside the merged copy
-            del shard[name]
+            shard.pop(name, None)
         return merged
 
     state = LazyStateDict({n: (lambda n=n: merge(n)) for n in names if n != "rope.freqs"}, source=directory)
