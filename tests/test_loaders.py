@@ -310,3 +310,17 @@ def test_merged_meta_tensor_can_be_built_again(state, tmp_path):
     ckpt.state._cache.pop(name, None)  # as LazyStateDict.release does
     np.testing.assert_array_equal(ckpt.state[name], first)
     np.testing.assert_array_equal(first, state[name])
+
+
+def test_transformers5_rope_parameters_are_read(state, tmp_path):
+    """transformers >= 5 saves theta as rope_parameters.rope_theta, not a top-level rope_theta."""
+    write_hf(tmp_path, ARGS, source_of(state), "float32")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_theta", None)
+    config["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "default"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert Llama2.from_pretrained(tmp_path).args.rope_theta == 500000.0
+    config["rope_parameters"]["rope_type"] = "yarn"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="rope_type 'yarn' is not supported"):
+        Llama2.from_pretrained(tmp_path)

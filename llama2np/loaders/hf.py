@@ -121,6 +121,11 @@ def read_config(directory: Path, vocab_rows: int | None, max_seq_len: int | None
         raise ConfigError(f"{path}: model_type {c['model_type']!r} is not a Llama model")
     if c.get("rope_scaling") is not None:
         raise ConfigError(f"{path}: rope_scaling {c['rope_scaling']!r} is not supported (Llama 2 uses none)")
+    # transformers >= 5 writes theta inside "rope_parameters" instead of a top-level "rope_theta".
+    rope = c.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"{path}: rope_type {rope['rope_type']!r} is not supported (Llama 2 uses plain RoPE)")
+    rope_theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
     if c.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{path}: hidden_act {c['hidden_act']!r} is not supported (Llama 2 uses silu)")
     if c.get("attention_bias") or c.get("mlp_bias"):
@@ -135,7 +140,7 @@ def read_config(directory: Path, vocab_rows: int | None, max_seq_len: int | None
     params = {"dim": c["hidden_size"], "hidden_dim": c["intermediate_size"], "n_layers": c["num_hidden_layers"],
               "n_heads": c["num_attention_heads"], "n_kv_heads": c.get("num_key_value_heads"),
               "vocab_size": vocab_rows if vocab_rows is not None else c.get("vocab_size", -1),
-              "norm_eps": c.get("rms_norm_eps", 1e-6), "rope_theta": c.get("rope_theta", 10000.0),
+              "norm_eps": c.get("rms_norm_eps", 1e-6), "rope_theta": rope_theta,
               "max_seq_len": max_seq_len or c.get("max_position_embeddings", 4096)}
     args = make_args(params, path)
     if c.get("head_dim", args.head_dim) != args.head_dim:
