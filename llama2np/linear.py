@@ -36,6 +36,10 @@ TILE_ELEMENTS = 128 * 1024
 #: above it the multiply is compute bound and BLAS's own threads do better
 DECODE_ROWS = 8
 
+#: decoding with narrow rows, NumPy's own einsum loop streams a float matrix faster than a
+#: one-thread BLAS GEMV (measured here: 17 vs 12 GB/s at 768 columns, equal at 2048, slower above)
+EINSUM_MAX_IN = 1024
+
 _workspace = threading.local()  # per-thread tile buffers, shared by every Linear
 
 
@@ -66,6 +70,8 @@ class Linear:
         self.dtype = np.dtype(dtype)
         self.sizes = [w.shape[0] for w in parts]  # out_features of each stacked matrix
         self.in_features, self.out_features = parts[0].shape[1], sum(self.sizes)
+        ends = np.cumsum(self.sizes).tolist()
+        self._bounds = list(zip([0] + ends[:-1], ends))
         return parts
 
     @property
@@ -74,11 +80,13 @@ class Linear:
 
     def split(self, y: np.ndarray) -> list[np.ndarray]:
         """The outputs of the stacked matrices, as views: (..., out_features) -> [(..., out_i)]."""
-        return np.split(y, np.cumsum(self.sizes)[:-1], axis=-1)
+        return [y[..., a:b] for a, b in self._bounds]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (..., in_features) -> (..., out_features)
         if not self.tiled:
+            if self.in_features <= EINSUM_MAX_IN and x.size <= DECODE_ROWS * self.in_features:
+                return np.einsum("...i,oi->...o", x, self.weight)
             return x @ self.weight.T
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)

@@ -118,7 +118,7 @@ PRESETS: dict[str, ModelArgs] = {
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x / sqrt(mean(x^2) + eps) * weight, over the last axis."""
-    ms = np.mean(np.square(x), axis=-1, keepdims=True)
+    ms = np.square(x).sum(axis=-1, keepdims=True) / x.shape[-1]
     return x * (1.0 / np.sqrt(ms + eps)) * weight
 
 
@@ -256,7 +256,11 @@ class Transformer:
             return to_float(params[name], self.dtype)
 
         def lin(*names):  # several names: their matrices stacked into one Linear
-            return linear([params[n] for n in names], self.dtype)
+            layer = linear([params[n] for n in names], self.dtype)
+            if quantize and hasattr(params, "release"):  # the float originals are no longer needed
+                for n in names:
+                    params.release(n)
+            return layer
 
         self.tok_embeddings = params["tok_embeddings.weight"]  # (vocab, dim), any storage dtype
         self.layers = []

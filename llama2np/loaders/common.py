@@ -35,6 +35,11 @@ class LazyStateDict(Mapping):
     def __contains__(self, name: object) -> bool:
         return name in self._makers  # without building the tensor
 
+    def release(self, name: str) -> None:
+        """Forget the built tensor (it is built again if read again), so a consumer that converts
+        tensors one by one (int8 quantisation) keeps memory near one tensor above its output."""
+        self._cache.pop(name, None)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._makers)
 

@@ -1,0 +1,311 @@
+#!/usr/bin/env python
+"""Benchmark llama2np: prefill and decode speed, memory, and how close decode gets to the memory bound.
+
+    python scripts/bench.py --shape 110m --compare-hf
+    python scripts/bench.py --shape 1b --prompt-len 512 --new-tokens 16
+    python scripts/bench.py /work/synth/7b-meta --new-tokens 8 --runs 1 --compare-hf
+    python scripts/bench.py /work/synth/13b-hf --quantize int8 --new-tokens 8 --runs 1
+
+Small shapes get random weights made in memory (seeded, so ``--compare-hf``
+rebuilds the very same weights in its worker process); 7b/13b need a checkpoint,
+e.g. from ``scripts/make_synthetic_checkpoint.py``. Every figure is measured in
+this run: the machine's read bandwidth (NumPy, all threads), sgemm GFLOP/s, and
+the llama2np / HF timings, so the printed ratios compare like with like.
+Decode tokens/s is the median over ``--runs`` runs of each run's median step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llama2np.linear import Int8Linear, Linear
+from llama2np.model import PRESETS, ModelArgs, Transformer
+from llama2np.parallel import num_threads, run_parallel, set_num_threads
+from llama2np.tensors import float32_to_bf16
+
+SHAPES = {
+    "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=256, hidden_dim=128),
+    "15m": ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=1024, hidden_dim=768),
+    "110m": ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000, max_seq_len=1024, hidden_dim=2048),
+    "1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, max_seq_len=2048,
+                    hidden_dim=5632),
+    "7b": PRESETS["7B"], "13b": PRESETS["13B"],
+}
+GiB = 1 << 30
+
+
+def random_state(args: ModelArgs, storage: str, seed: int) -> dict[str, np.ndarray]:
+    """Random weights in Meta naming (std 1/sqrt(fan_in)), float32 or bf16-stored."""
+    from llama2np.loaders.common import expected_shapes
+
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, shape in expected_shapes(args).items():
+        if len(shape) == 1:
+            w = np.ones(shape, dtype=np.float32)
+        else:
+            w = rng.standard_normal(shape, dtype=np.float32) * np.float32(shape[-1] ** -0.5)
+        state[name] = float32_to_bf16(w) if storage == "bf16" else w.astype(storage)
+    return state
+
+
+def load(opts) -> tuple[Transformer, float]:
+    """The model under test and its load time in seconds."""
+    t0 = time.perf_counter()
+    if opts.checkpoint:
+        from llama2np.llama import Llama2
+
+        model = Llama2.from_pretrained(opts.checkpoint, dtype=opts.compute, quantize=opts.quantize).model
+    else:
+        args = SHAPES[opts.shape]
+        state = random_state(args, opts.storage, opts.seed)
+        t0 = time.perf_counter()  # making random numbers is not loading
+        model = Transformer(args, state, opts.compute, quantize=opts.quantize)
+    return model, time.perf_counter() - t0
+
+
+def weight_bytes_per_token(model: Transformer) -> int:
+    """Bytes of weights one decode step streams from memory (every matrix once, one embedding row)."""
+    linears = [model.output]
+    for layer in model.layers:
+        linears += [layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2]
+    total = sum(sum(p.nbytes for p in lin.parts) for lin in linears)
+    total += sum(lin.scale.nbytes for lin in linears if isinstance(lin, Int8Linear))
+    return total + model.tok_embeddings[0].nbytes
+
+
+def kv_bytes_per_token(model: Transformer, context: float) -> float:
+    a = model.args
+    return 2 * a.n_layers * a.n_kv_heads * a.head_dim * context * model.dtype.itemsize
+
+
+def read_bandwidth(threads: int, nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Median read bandwidth (bytes/s) of a dot product over a buffer far bigger than the caches."""
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    chunks = [[c] for c in np.array_split(a, threads)]
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_parallel(lambda c: np.dot(c[0], c[0]), chunks)
+        rates.append(a.nbytes / (time.perf_counter() - t0))
+    return float(np.median(rates))
+
+
+def sgemm_gflops(m: int, k: int, n: int, repeats: int = 3) -> float:
+    a, b = np.ones((m, k), np.float32), np.ones((k, n), np.float32)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def prefill_flops(model: Transformer, n: int) -> float:
+    a = model.args
+    matmul = 2 * n * _linear_params(model)
+    return matmul + 4 * n * n * a.dim * a.n_layers  # + q k^T and probs v over the whole (masked) square
+
+
+def _linear_params(model: Transformer) -> int:
+    lins = [model.output] + [m for l in model.layers for m in (l.attention.wqkv, l.attention.wo,
+                                                                l.feed_forward.w13, l.feed_forward.w2)]
+    return sum(lin.out_features * lin.in_features for lin in lins)
+
+
+def run_llama2np(model: Transformer, prompt: np.ndarray, new_tokens: int, runs: int, profile: bool) -> dict:
+    """Median prefill and decode-step seconds; bandwidth and sgemm are measured between the runs,
+    so a machine shared with other jobs loads both sides of each ratio alike."""
+    prefill, decode, bandwidth, gemm = [], [], [], []
+    a = model.args
+    for _ in range(runs):
+        bandwidth.append(read_bandwidth(num_threads()))
+        gemm.append(sgemm_gflops(min(len(prompt), 512), a.dim, a.ffn_hidden_dim))
+        cache = model.new_cache(1, len(prompt) + new_tokens)
+        t0 = time.perf_counter()
+        logits = model.forward(prompt[None], 0, cache)
+        prefill.append(time.perf_counter() - t0)
+        token, steps = int(logits[0, -1].argmax()), []
+        for i in range(new_tokens):
+            t0 = time.perf_counter()
+            logits = model.forward(np.array([[token]]), len(prompt) + i, cache)
+            steps.append(time.perf_counter() - t0)
+            token = int(logits[0, -1].argmax())
+        decode.append(float(np.median(steps)))
+    if profile:
+        import cProfile
+        import pstats
+
+        cache = model.new_cache(1, len(prompt) + new_tokens)
+        model.forward(prompt[None], 0, cache)
+        prof = cProfile.Profile()
+        prof.enable()
+        for i in range(new_tokens):
+            model.forward(np.array([[token]]), len(prompt) + i, cache)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    return {"prefill_s": float(np.median(prefill)), "decode_s": float(np.median(decode)),
+            "bandwidth": float(np.median(bandwidth)), "sgemm": float(np.median(gemm))}
+
+
+# --- Hugging Face transformers on the same weights, in a child process --------------------
+
+
+def hf_worker(spec: dict) -> dict:
+    """Time HF LlamaForCausalLM greedy generate on the weights ``spec`` names (runs in the child)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(spec["threads"])
+    if spec["checkpoint"]:
+        from llama2np.loaders import load_checkpoint
+
+        ckpt = load_checkpoint(spec["checkpoint"])
+        args, state = ckpt.args, ckpt.state
+    else:
+        args = SHAPES[spec["shape"]]
+        state = random_state(args, spec["storage"], spec["seed"])
+    dtype = {"float32": torch.float32, "float64": torch.float64, "bf16": torch.bfloat16}[spec["hf_dtype"]]
+    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                         num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
+                         rope_theta=args.rope_theta, max_position_embeddings=args.max_seq_len,
+                         tie_word_embeddings=False, torch_dtype=dtype)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(hf_state(args, state, dtype), assign=True, strict=False)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers were left on "meta"
+    model.eval()
+    prompt = torch.tensor(np.asarray(spec["prompt"]))[None]
+    n, times = spec["new_tokens"], {1: [], spec["new_tokens"] + 1: []}
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=2, do_sample=False, attention_mask=torch.ones_like(prompt),
+                       pad_token_id=0)  # warm-up
+        for _ in range(spec["runs"]):
+            for k in times:
+                t0 = time.perf_counter()
+                model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                               attention_mask=torch.ones_like(prompt), pad_token_id=0)
+                times[k].append(time.perf_counter() - t0)
+    t1, tn = float(np.median(times[1])), float(np.median(times[n + 1]))
+    return {"prefill_s": t1, "decode_s": (tn - t1) / n,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def hf_state(args: ModelArgs, state, dtype) -> dict:
+    """Meta-named numpy weights as HF LlamaForCausalLM tensors (wq/wk rows back in HF's half-split order)."""
+    import torch
+
+    def tensor(a, heads=None):
+        if a.dtype.names:  # llama2np's BF16 structured dtype: reinterpret the bits, no copy
+            t = torch.from_numpy(np.asarray(a).view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(np.asarray(a))
+        if heads is not None:  # Meta (pairs interleaved) -> HF (real halves first) per head
+            out, inp = t.shape
+            t = t.reshape(heads, out // heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+        return t.to(dtype).contiguous()
+
+    hf = {"model.embed_tokens.weight": tensor(state["tok_embeddings.weight"]),
+          "model.norm.weight": tensor(state["norm.weight"]), "lm_head.weight": tensor(state["output.weight"])}
+    names = {"attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    for i in range(args.n_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        hf[q + "self_attn.q_proj.weight"] = tensor(state[p + "attention.wq.weight"], args.n_heads)
+        hf[q + "self_attn.k_proj.weight"] = tensor(state[p + "attention.wk.weight"], args.n_kv_heads)
+        for meta, name in names.items():
+            hf[q + name + ".weight"] = tensor(state[p + meta + ".weight"])
+    return hf
+
+
+def run_hf(opts, prompt: np.ndarray) -> dict | None:
+    spec = {"checkpoint": opts.checkpoint, "shape": opts.shape, "storage": opts.storage, "seed": opts.seed,
+            "hf_dtype": "bf16" if opts.storage == "bf16" or opts.checkpoint and opts.hf_bf16 else opts.compute,
+            "threads": opts.threads, "prompt": prompt.tolist(), "new_tokens": opts.new_tokens, "runs": opts.runs}
+    proc = subprocess.run([sys.executable, __file__, "--hf-worker", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"HF comparison failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "hf_dtype": spec["hf_dtype"]}
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", nargs="?", help="checkpoint directory or file (else --shape)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="110m")
+    ap.add_argument("--dtype", choices=["float32", "float64", "bf16"], default="float32",
+                    help="compute dtype; bf16: random weights stored bf16, computed in float32")
+    ap.add_argument("--quantize", choices=["int8"], help="weight-only quantisation at load")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=num_threads())
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-hf", action="store_true", help="time HF transformers on the same weights")
+    ap.add_argument("--hf-bf16", action="store_true", default=True,
+                    help="(checkpoints) run HF in bf16, as the checkpoint is stored")
+    ap.add_argument("--profile", action="store_true", help="cProfile the decode steps")
+    ap.add_argument("--hf-worker", help=argparse.SUPPRESS)
+    opts = ap.parse_args(argv)
+    if opts.hf_worker:
+        print(json.dumps(hf_worker(json.loads(opts.hf_worker))))
+        return 0
+    if not opts.checkpoint and opts.shape in ("7b", "13b"):
+        ap.error(f"--shape {opts.shape}: random weights this big are not made in memory; write a checkpoint with "
+                 f"scripts/make_synthetic_checkpoint.py --shape {opts.shape} and pass its path")
+    opts.compute = "float32" if opts.dtype == "bf16" else opts.dtype
+    opts.storage = opts.dtype if not opts.checkpoint else "checkpoint"
+    set_num_threads(opts.threads)
+
+    model, load_s = load(opts)
+    args = model.args
+    prompt = np.random.default_rng(opts.seed + 1).integers(3, args.vocab_size, opts.prompt_len)
+    res = run_llama2np(model, prompt, opts.new_tokens, opts.runs, opts.profile)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    per_token = weight_bytes_per_token(model) + kv_bytes_per_token(model, opts.prompt_len + opts.new_tokens / 2)
+    bandwidth, gemm = res["bandwidth"], res["sgemm"]
+    bound = bandwidth / per_token
+    decode_tps, prefill_tps = 1 / res["decode_s"], opts.prompt_len / res["prefill_s"]
+    prefill_gflops = prefill_flops(model, opts.prompt_len) / res["prefill_s"] / 1e9
+
+    what = opts.checkpoint or f"{opts.shape} random"
+    print(f"model      {what}: dim {args.dim}, {args.n_layers} layers, {args.n_heads}/{args.n_kv_heads} heads, "
+          f"hidden {args.ffn_hidden_dim}, vocab {args.vocab_size}; {opts.dtype} "
+          f"{'+ ' + opts.quantize if opts.quantize else ''}; threads {opts.threads}")
+    print(f"load       {load_s:.2f} s; peak RSS {peak_rss / GiB:.2f} GiB")
+    print(f"prefill    {opts.prompt_len} tokens: {prefill_tps:.1f} tok/s, {prefill_gflops:.1f} GFLOP/s "
+          f"= {prefill_gflops / gemm:.0%} of measured sgemm {gemm:.1f} GFLOP/s "
+          f"({min(opts.prompt_len, 512)}x{args.dim}x{args.ffn_hidden_dim})")
+    print(f"decode     {decode_tps:.2f} tok/s (median of {opts.runs} runs x {opts.new_tokens} tokens)")
+    print(f"bound      {per_token / 1e6:.1f} MB read per token / {bandwidth / 1e9:.1f} GB/s measured read "
+          f"bandwidth = {bound:.2f} tok/s; achieved {decode_tps / bound:.0%}")
+    if opts.compare_hf:
+        del model
+        gc.collect()
+        hf = run_hf(opts, prompt)
+        if hf:
+            print(f"HF         transformers {hf['hf_dtype']}: prefill {opts.prompt_len / hf['prefill_s']:.1f} tok/s, "
+                  f"decode {1 / hf['decode_s']:.2f} tok/s, peak RSS {hf['peak_rss'] / GiB:.2f} GiB")
+            print(f"ratio      llama2np/HF: decode {hf['decode_s'] / res['decode_s']:.2f}x, "
+                  f"prefill {hf['prefill_s'] / res['prefill_s']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
