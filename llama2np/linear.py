@@ -155,8 +155,7 @@ def quantize_int8(weight: np.ndarray, q: np.ndarray | None = None,
         w = to_float(weight[r0 : r0 + step], np.float32)
         s = np.abs(w).max(axis=1) / 127.0
         s[s == 0] = 1.0  # an all-zero row: any scale gives q = 0
-        np.rint(w / s[:, None], out=w)
-        q[r0 : r0 + step] = w
+        q[r0 : r0 + step] = np.rint(w / s[:, None])
         scale[r0 : r0 + step] = s
     release_pages(weight)
     return q, scale

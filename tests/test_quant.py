@@ -1,0 +1,125 @@
+"""int8 weight-only quantisation, and the fast Linear paths (stacked, bf16 tiles, threads) against plain numpy."""
+
+from __future__ import annotations
+
+import json
+import mmap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared_path
+from llama2np import Llama2
+from llama2np import linear as linear_mod
+from llama2np import parallel
+from llama2np.errors import InputError
+from llama2np.linear import Int8Linear, Linear, quantize_int8, release_pages
+from llama2np.model import ModelArgs, Transformer
+from llama2np.tensors import bf16_to_float32, float32_to_bf16
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+rng = np.random.default_rng(0)
+
+
+def test_quantize_int8_error_is_at_most_half_a_step_per_row():
+    w = rng.standard_normal((300, 70)).astype(np.float32) * np.linspace(0.01, 3, 300, dtype=np.float32)[:, None]
+    w[7] = 0.0  # an all-zero row must not divide by zero
+    q, scale = quantize_int8(w)
+    assert q.dtype == np.int8 and scale.shape == (300,)
+    assert np.abs(q).max() == 127
+    err = np.abs(q * scale[:, None] - w)
+    assert np.all(err <= scale[:, None] / 2 * (1 + 1e-5))
+    assert not q[7].any()
+
+
+def test_quantize_from_bf16_equals_quantize_from_its_float32_values():
+    w = float32_to_bf16(rng.standard_normal((64, 48)).astype(np.float32))
+    q1, s1 = quantize_int8(w)
+    q2, s2 = quantize_int8(bf16_to_float32(w))
+    np.testing.assert_array_equal(q1, q2)
+    np.testing.assert_array_equal(s1, s2)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_int8_linear_matches_dequantised_float_matmul(rows):
+    parts = [rng.standard_normal((n, 96)).astype(np.float32) for n in (64, 32, 32)]
+    lin = Int8Linear(parts, np.float32)
+    x = rng.standard_normal((rows, 96)).astype(np.float32)
+    q, s = quantize_int8(np.concatenate(parts))
+    want = x @ (q * s[:, None]).T
+    np.testing.assert_allclose(lin(x), want, rtol=1e-4, atol=1e-4)
+    # and it stays close to the unquantised product
+    exact = x @ np.concatenate(parts).T
+    assert np.abs(lin(x) - exact).max() < 0.05 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stacked_and_bf16_tiled_linear_equal_the_plain_product(rows, threads, monkeypatch):
+    monkeypatch.setattr(linear_mod, "TILE_ELEMENTS", 7 * 50)  # many tiles, a ragged last one
+    parts = [float32_to_bf16(rng.standard_normal((n, 50)).astype(np.float32)) for n in (33, 16, 16)]
+    widened = np.concatenate([bf16_to_float32(p) for p in parts])
+    x = rng.standard_normal((1, rows, 50)).astype(np.float32)
+    parallel.set_num_threads(threads)
+    try:
+        tiled, plain = Linear(parts, np.float32), Linear(widened, np.float32)
+        assert tiled.tiled and not plain.tiled
+        want = x @ widened.T
+        np.testing.assert_allclose(tiled(x), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(plain(x), want, rtol=1e-5, atol=1e-5)
+        for got, part, lo in zip(tiled.split(tiled(x)), parts, (0, 33, 49)):
+            np.testing.assert_allclose(got, want[..., lo : lo + part.shape[0]], rtol=1e-5, atol=1e-5)
+    finally:
+        parallel.set_num_threads(parallel._cpu_count())
+
+
+def test_stacked_parts_must_share_in_features():
+    with pytest.raises(ValueError, match="equal in_features"):
+        Linear([np.zeros((4, 3), np.float32), np.zeros((4, 5), np.float32)], np.float32)
+
+
+def test_release_pages_keeps_the_data_of_a_memory_map(tmp_path):
+    path = tmp_path / "w.bin"
+    data = rng.standard_normal(3 * mmap.PAGESIZE).astype(np.float32)
+    data.tofile(path)
+    w = np.memmap(path, dtype=np.float32, mode="r", offset=4 * 10, shape=(1000, 3))
+    before = np.array(w)
+    release_pages(w)
+    np.testing.assert_array_equal(w, before)
+    heap = data.copy()
+    release_pages(heap)  # not a memory map: nothing happens
+    np.testing.assert_array_equal(heap, data)
+
+
+def test_unknown_quantize_mode_is_an_input_error():
+    args = ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=5, hidden_dim=8)
+    with pytest.raises(InputError, match="quantize"):
+        Transformer(args, {}, "float32", quantize="int4")
+
+
+def golden_fixtures():
+    manifest = json.loads((GOLDEN / "manifest.json").read_text())
+    return sorted(n for n, e in manifest.items() if e["kind"] in ("meta", "hf"))
+
+
+@pytest.mark.parametrize("name", golden_fixtures()[:4])
+def test_int8_top1_agrees_with_float32_on_golden_fixtures(name):
+    entry = json.loads((GOLDEN / "manifest.json").read_text())[name]
+    with np.load(GOLDEN / entry["reference"]) as z:
+        ids = z["ids"]
+    ref = Llama2.from_pretrained(GOLDEN / entry["dir"]).logits(ids)
+    q = Llama2.from_pretrained(GOLDEN / entry["dir"], quantize="int8").logits(ids)
+    assert (ref.argmax(-1) == q.argmax(-1)).mean() >= 0.99
+    assert np.abs(q - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_int8_stories260k_greedy_text_matches_llama2c_for_50_tokens():
+    checkpoint = shared_path("stories260K", "stories260K.bin")
+    want = [int(t) for t in shared_path("reference", "stories260K_greedy_200_ids.txt").read_text().split()]
+    model = Llama2.from_pretrained(checkpoint, quantize="int8",
+                                   tokenizer_path=shared_path("stories260K", "tok512.model")).model
+    cache, ids = model.new_cache(1, 60), [1]
+    for pos in range(50):
+        ids.append(int(model.forward(np.array([[ids[-1]]]), pos, cache)[0, -1].argmax()))
+    assert ids == want[:51]
