@@ -31,6 +31,8 @@ from .tensors import bf16_to_float32, is_bf16, to_float
 
 #: floats per widened tile: 128K x 4 bytes = 512 KiB, a quarter of a core's L2 cache
 TILE_ELEMENTS = 128 * 1024
+#: prefill multiplies many rows per tile, where bigger tiles make better GEMMs: 4 MiB
+PREFILL_TILE_ELEMENTS = 1024 * 1024
 
 #: up to this many input rows a call counts as decoding (bandwidth bound, our threads);
 #: above it the multiply is compute bound and BLAS's own threads do better
@@ -59,7 +61,7 @@ class Linear:
             floats = [to_float(w, self.dtype) for w in parts]
             self.weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
             self.parts = [self.weight]
-        self._tiles = _tile_plan(self.parts, self.in_features)
+        self._plans: dict[int, list] = {}
 
     def _describe(self, weights, dtype) -> list[np.ndarray]:
         parts = [weights] if isinstance(weights, np.ndarray) else list(weights)
@@ -99,16 +101,20 @@ class Linear:
         return bf16_to_float32(rows, out=out)
 
     def _tiled_matmul(self, x2: np.ndarray, y: np.ndarray) -> None:
+        decoding = x2.shape[0] <= DECODE_ROWS
+        rows = max(1, (TILE_ELEMENTS if decoding else PREFILL_TILE_ELEMENTS) // self.in_features)
+        if rows not in self._plans:
+            self._plans[rows] = _tile_plan(self.parts, rows)
+        tiles = self._plans[rows]
+
         def work(tiles):
-            buf = _buffer(self.in_features, self.dtype)
+            buf = _buffer(self.in_features, self.dtype, rows)
             for part, r0, r1, c0 in tiles:
                 tile = self._widen(self.parts[part][r0:r1], out=buf[: r1 - r0])
                 np.matmul(x2, tile.T, out=y[:, c0 : c0 + r1 - r0])
 
-        n = num_threads() if x2.shape[0] <= DECODE_ROWS else 1
-        n = min(n, len(self._tiles))
-        run_parallel(work, [self._tiles[i * len(self._tiles) // n : (i + 1) * len(self._tiles) // n]
-                            for i in range(n)])
+        n = min(num_threads() if decoding else 1, len(tiles))
+        run_parallel(work, [tiles[i * len(tiles) // n : (i + 1) * len(tiles) // n] for i in range(n)])
 
 
 class Int8Linear(Linear):
@@ -127,7 +133,7 @@ class Int8Linear(Linear):
             quantize_int8(w, self.weight[r0 : r0 + w.shape[0]], scale[r0 : r0 + w.shape[0]])
         self.scale = scale.astype(self.dtype)  # (out_features,)
         self.tiled, self.parts = True, [self.weight]
-        self._tiles = _tile_plan(self.parts, self.in_features)
+        self._plans: dict[int, list] = {}
 
     def _widen(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         np.copyto(out, rows, casting="unsafe")
@@ -181,9 +187,8 @@ def release_pages(a: np.ndarray) -> None:
         base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
-def _tile_plan(parts: list[np.ndarray], in_features: int) -> list[tuple[int, int, int, int]]:
-    """(part, first row, end row, first output column) of every tile, in output order."""
-    step = max(1, TILE_ELEMENTS // in_features)
+def _tile_plan(parts: list[np.ndarray], step: int) -> list[tuple[int, int, int, int]]:
+    """(part, first row, end row, first output column) of every tile of ``step`` rows, in output order."""
     tiles, c0 = [], 0
     for i, w in enumerate(parts):
         for r0 in range(0, w.shape[0], step):
@@ -193,10 +198,10 @@ def _tile_plan(parts: list[np.ndarray], in_features: int) -> list[tuple[int, int
     return tiles
 
 
-def _buffer(in_features: int, dtype: np.dtype) -> np.ndarray:
-    """This thread's reusable tile buffer for rows of ``in_features``."""
+def _buffer(in_features: int, dtype: np.dtype, rows: int) -> np.ndarray:
+    """This thread's reusable tile buffer of ``rows`` x ``in_features``."""
     buffers = _workspace.__dict__.setdefault("buffers", {})
-    key = (in_features, dtype)
+    key = (in_features, dtype, rows)
     if key not in buffers:
-        buffers[key] = np.empty((max(1, TILE_ELEMENTS // in_features), in_features), dtype=dtype)
+        buffers[key] = np.empty((rows, in_features), dtype=dtype)
     return buffers[key]
