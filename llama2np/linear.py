@@ -31,14 +31,15 @@ from .tensors import bf16_to_float32, is_bf16, to_float
 
 #: floats per widened tile: 128K x 4 bytes = 512 KiB, a quarter of a core's L2 cache
 TILE_ELEMENTS = 128 * 1024
-#: prefill multiplies many rows per tile, where bigger tiles make better GEMMs: 4 MiB
-PREFILL_TILE_ELEMENTS = 1024 * 1024
+#: with more than a few input rows, bigger tiles make better GEMMs: 4 MiB
+BIG_TILE_ELEMENTS = 1024 * 1024
 
-#: up to this many input rows a call counts as decoding (bandwidth bound, our threads);
-#: above it the multiply is compute bound and BLAS's own threads do better
-DECODE_ROWS = 8
+#: up to this many input rows the multiply is a thin GEMM, bound by memory or by BLAS's thread
+#: hand-offs (measured here: one BLAS thread beats two up to ~128 rows): our threads, one BLAS
+#: thread each. Above it (prefill) BLAS's own threads do better.
+FEW_ROWS = 64
 
-#: decoding with narrow rows, NumPy's own einsum loop streams a float matrix faster than a
+#: decoding one row of a narrow matrix, NumPy's own einsum loop streams a float matrix faster than a
 #: one-thread BLAS GEMV (measured here: 17 vs 12 GB/s at 768 columns, equal at 2048, slower above)
 EINSUM_MAX_IN = 1024
 
@@ -61,6 +62,9 @@ class Linear:
             floats = [to_float(w, self.dtype) for w in parts]
             self.weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
             self.parts = [self.weight]
+            if len(parts) > 1:  # the stacked copy replaces them: drop their memory-mapped pages
+                for w in parts:
+                    release_pages(w)
         self._plans: dict[int, list] = {}
 
     def _describe(self, weights, dtype) -> list[np.ndarray]:
@@ -87,7 +91,7 @@ class Linear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (..., in_features) -> (..., out_features)
         if not self.tiled:
-            if self.in_features <= EINSUM_MAX_IN and x.size <= DECODE_ROWS * self.in_features:
+            if self.in_features <= EINSUM_MAX_IN and x.size == self.in_features:
                 return np.einsum("...i,oi->...o", x, self.weight)
             return x @ self.weight.T
         lead = x.shape[:-1]
@@ -101,8 +105,8 @@ class Linear:
         return bf16_to_float32(rows, out=out)
 
     def _tiled_matmul(self, x2: np.ndarray, y: np.ndarray) -> None:
-        decoding = x2.shape[0] <= DECODE_ROWS
-        rows = max(1, (TILE_ELEMENTS if decoding else PREFILL_TILE_ELEMENTS) // self.in_features)
+        elements = TILE_ELEMENTS if x2.shape[0] <= 8 else BIG_TILE_ELEMENTS
+        rows = max(1, elements // self.in_features)
         if rows not in self._plans:
             self._plans[rows] = _tile_plan(self.parts, rows)
         tiles = self._plans[rows]
@@ -113,7 +117,7 @@ class Linear:
                 tile = self._widen(self.parts[part][r0:r1], out=buf[: r1 - r0])
                 np.matmul(x2, tile.T, out=y[:, c0 : c0 + r1 - r0])
 
-        n = min(num_threads() if decoding else 1, len(tiles))
+        n = min(num_threads() if x2.shape[0] <= FEW_ROWS else 1, len(tiles))
         run_parallel(work, [tiles[i * len(tiles) // n : (i + 1) * len(tiles) // n] for i in range(n)])
 
 

@@ -21,7 +21,7 @@ from typing import Mapping
 import numpy as np
 
 from .errors import ConfigError, InputError
-from .linear import DECODE_ROWS, Int8Linear, Linear
+from .linear import FEW_ROWS, Int8Linear, Linear
 from .parallel import blas_threads
 from .tensors import to_float
 
@@ -305,7 +305,7 @@ class Transformer:
         if seqlen > 1:  # token i attends to cached positions and to new positions <= i
             mask = np.triu(np.full((seqlen, end), -np.inf, dtype=self.dtype), k=start_pos + 1)
         # Few rows: bandwidth-bound GEMVs, fastest with one BLAS thread (see parallel.py).
-        with blas_threads(1 if bsz * seqlen <= DECODE_ROWS else None):
+        with blas_threads(1 if bsz * seqlen <= FEW_ROWS else None):
             for i, layer in enumerate(self.layers):
                 ck = cache.k[i] if cache is not None else None
                 cv = cache.v[i] if cache is not None else None

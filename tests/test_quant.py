@@ -54,11 +54,11 @@ def test_int8_linear_matches_dequantised_float_matmul(rows):
     assert np.abs(lin(x) - exact).max() < 0.05 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 20])
+@pytest.mark.parametrize("rows", [1, 3, 20, 70])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_stacked_and_bf16_tiled_linear_equal_the_plain_product(rows, threads, monkeypatch):
     monkeypatch.setattr(linear_mod, "TILE_ELEMENTS", 7 * 50)  # many tiles, a ragged last one
-    monkeypatch.setattr(linear_mod, "PREFILL_TILE_ELEMENTS", 11 * 50)
+    monkeypatch.setattr(linear_mod, "BIG_TILE_ELEMENTS", 11 * 50)
     parts = [float32_to_bf16(rng.standard_normal((n, 50)).astype(np.float32)) for n in (33, 16, 16)]
     widened = np.concatenate([bf16_to_float32(p) for p in parts])
     x = rng.standard_normal((1, rows, 50)).astype(np.float32)
