@@ -40,8 +40,8 @@ BIG_TILE_ELEMENTS = 1024 * 1024
 FEW_ROWS = 64
 
 #: decoding one row of a narrow matrix, NumPy's own einsum loop streams a float matrix faster than a
-#: one-thread BLAS GEMV (measured here: 17 vs 12 GB/s at 768 columns, equal at 2048, slower above)
-EINSUM_MAX_IN = 1024
+#: one-thread BLAS GEMV (measured here: 17 vs 12 GB/s at 768 columns, ~5 % faster at 2048, slower at 4096)
+EINSUM_MAX_IN = 2048
 
 _workspace = threading.local()  # per-thread tile buffers, shared by every Linear
 
