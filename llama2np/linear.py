@@ -39,9 +39,10 @@ BIG_TILE_ELEMENTS = 1024 * 1024
 #: thread each. Above it (prefill) BLAS's own threads do better.
 FEW_ROWS = 64
 
-#: decoding one row of a narrow matrix, NumPy's own einsum loop streams a float matrix faster than a
-#: one-thread BLAS GEMV (measured here: 17 vs 12 GB/s at 768 columns, ~5 % faster at 2048, slower at 4096)
-EINSUM_MAX_IN = 2048
+#: Decoding one row through a float matrix: up to this many columns NumPy's einsum loop streams
+#: W (out, in) fastest (measured here: 17-20 vs 12-14 GB/s for BLAS at 768 columns); wider matrices
+#: are stored transposed (Fortran order) and BLAS streams W.T (in, out) fastest (~10-20 % faster).
+EINSUM_MAX_IN = 1024
 
 _workspace = threading.local()  # per-thread tile buffers, shared by every Linear
 
@@ -60,9 +61,12 @@ class Linear:
             self.parts = parts
         else:
             floats = [to_float(w, self.dtype) for w in parts]
-            self.weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
+            weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
+            if self.in_features > EINSUM_MAX_IN:
+                weight = np.asfortranarray(weight)  # same values; W.T is now C-contiguous
+            self.weight = weight
             self.parts = [self.weight]
-            if len(parts) > 1:  # the stacked copy replaces them: drop their memory-mapped pages
+            if self.weight is not parts[0]:  # a converted copy replaces them: drop their memory-mapped pages
                 for w in parts:
                     release_pages(w)
         self._plans: dict[int, list] = {}

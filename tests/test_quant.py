@@ -124,3 +124,12 @@ def test_int8_stories260k_greedy_text_matches_llama2c_for_50_tokens():
     for pos in range(50):
         ids.append(int(model.forward(np.array([[ids[-1]]]), pos, cache)[0, -1].argmax()))
     assert ids == want[:51]
+
+
+@pytest.mark.parametrize("rows", [1, 70])
+def test_wide_float_weights_stored_transposed_give_the_same_product(rows):
+    parts = [rng.standard_normal((n, 1100)).astype(np.float32) for n in (24, 8)]
+    lin = Linear(parts, np.float32)
+    assert lin.weight.flags.f_contiguous and lin.shape == (32, 1100)
+    x = rng.standard_normal((1, rows, 1100)).astype(np.float32)
+    np.testing.assert_allclose(lin(x), x @ np.concatenate(parts).T, rtol=1e-4, atol=1e-4)
