@@ -185,8 +185,8 @@ def release_pages(a: np.ndarray) -> None:
     base = a
     while base is not None and not isinstance(base, mmap.mmap):
         base = getattr(base, "base", None)
-    if base is None or not hasattr(base, "madvise") or not a.flags.c_contiguous:
-        return
+    if base is None or not hasattr(base, "madvise") or a.flags.writeable or not a.flags.c_contiguous:
+        return  # only read-only maps: a writable (copy-on-write) map may hold changes the file lacks
     start = np.frombuffer(base, dtype=np.uint8).ctypes.data
     begin = a.ctypes.data - start
     first = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the array only
