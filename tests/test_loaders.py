@@ -324,3 +324,13 @@ def test_transformers5_rope_parameters_are_read(state, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="rope_type 'yarn' is not supported"):
         Llama2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["meta-2-shards", "hf-sharded"])
+def test_validation_builds_no_tensor(layout, state, tmp_path):
+    """Shapes are checked from the files: no shard is merged (nor q/k unpermuted) before the model asks."""
+    WRITERS[layout](tmp_path, source_of(state), "float32")
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.state._cache == {}
+    assert ckpt.state.spec("layers.0.attention.wq.weight") == ((32, 32), np.dtype(np.float32))
+    assert ckpt.state.spec("tok_embeddings.weight")[0] == (64, 32)

@@ -18,10 +18,21 @@ class LazyStateDict(Mapping):
 
     Keeps peak memory near one tensor above the weights themselves: nothing is
     materialised for a tensor the model never asks for, and each is built once.
+    ``specs`` tells a tensor's (shape, dtype) without building it, so a checkpoint
+    can be validated before any shard is merged.
     """
 
-    def __init__(self, makers: Mapping[str, Callable[[], np.ndarray]], source: Path | str):
+    def __init__(self, makers: Mapping[str, Callable[[], np.ndarray]], source: Path | str,
+                 specs: Mapping[str, Callable[[], tuple[tuple[int, ...], np.dtype]]] | None = None):
         self._makers, self._cache, self.source = dict(makers), {}, source
+        self._specs = dict(specs or {})
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, dtype) of a tensor, without building it when the loader can tell."""
+        if name in self._specs and name not in self._cache:
+            return self._specs[name]()
+        t = self[name]
+        return tuple(t.shape), t.dtype
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._cache:
@@ -94,11 +105,14 @@ def validate(args: ModelArgs, state: Mapping[str, np.ndarray], source: Path | st
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}")
     for name, shape in expected_shapes(args).items():
-        t = state[name]
-        if t.dtype not in STORAGE_DTYPES:
-            raise CheckpointError(f"{source}: tensor {name} has unsupported dtype {t.dtype} "
+        if isinstance(state, LazyStateDict):
+            actual, dtype = state.spec(name)
+        else:
+            actual, dtype = tuple(state[name].shape), state[name].dtype
+        if dtype not in STORAGE_DTYPES:
+            raise CheckpointError(f"{source}: tensor {name} has unsupported dtype {dtype} "
                                   "(expected bfloat16, float16, float32 or float64)")
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, but the config "
+        if tuple(actual) != shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(actual)}, but the config "
                                   f"(dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, "
                                   f"hidden={args.ffn_hidden_dim}, vocab={args.vocab_size}) implies {shape}")

@@ -169,14 +169,16 @@ def load_hf(directory: Path, max_seq_len: int | None = None, progress: bool | No
     vocab_rows = embed().shape[0] if embed is not None else None
     args = read_config(directory, vocab_rows, max_seq_len)
 
+    # the raw (memory-mapped) tensors tell shape and dtype; unpermuting keeps both
+    specs = {n: (lambda make=make: (tuple(make().shape), make().dtype)) for n, make in makers.items()}
     for name in [n for n in makers if n.endswith(("attention.wq.weight", "attention.wk.weight"))]:
         heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
         makers[name] = (lambda make=makers[name], name=name, heads=heads: _unpermute_checked(
             make(), heads, directory, name))
     config = json.loads((directory / "config.json").read_text())
     if "output.weight" not in makers and config.get("tie_word_embeddings") and embed is not None:
-        makers["output.weight"] = embed
-    return args, LazyStateDict(makers, source=directory)
+        makers["output.weight"], specs["output.weight"] = embed, specs["tok_embeddings.weight"]
+    return args, LazyStateDict(makers, source=directory, specs=specs)
 
 
 def _unpermute_checked(w: np.ndarray, n_heads: int, directory: Path, name: str) -> np.ndarray:

@@ -74,9 +74,19 @@ def load_meta(directory: Path, max_seq_len: int | None = None, progress: bool | 
             diff = sorted(set(names) ^ set(shard))[:3]
             raise CheckpointError(f"{path}: holds different tensors than the first shard (e.g. {diff})")
 
-    def merge(name: str) -> np.ndarray:
+    def shard_parts(name: str) -> list[np.ndarray]:
         # a part dropped after an earlier merge (see below) is mapped again from its file
-        parts = [s[name] if name in s else load_pth(p)[name] for s, p in zip(shards, paths)]
+        return [s[name] if name in s else load_pth(p)[name] for s, p in zip(shards, paths)]
+
+    def merged_spec(name: str) -> tuple[tuple[int, ...], np.dtype]:
+        parts, axis = shard_parts(name), _concat_axis(name)
+        shape = list(parts[0].shape)
+        if axis is not None and len(parts) > 1 and len(shape) > axis:
+            shape[axis] = sum(p.shape[axis] for p in parts)
+        return tuple(shape), parts[0].dtype
+
+    def merge(name: str) -> np.ndarray:
+        parts = shard_parts(name)
         axis = _concat_axis(name)
         if len(parts) == 1 or axis is None:
             return parts[0]
@@ -95,7 +105,9 @@ def load_meta(directory: Path, max_seq_len: int | None = None, progress: bool | 
             shard.pop(name, None)
         return merged
 
-    state = LazyStateDict({n: (lambda n=n: merge(n)) for n in names if n != "rope.freqs"}, source=directory)
+    kept = [n for n in names if n != "rope.freqs"]
+    state = LazyStateDict({n: (lambda n=n: merge(n)) for n in kept}, source=directory,
+                          specs={n: (lambda n=n: merged_spec(n)) for n in kept})
     if "tok_embeddings.weight" not in state:
         raise CheckpointError(f"{directory}: no tok_embeddings.weight in the shards")
     vocab, columns = shards[0]["tok_embeddings.weight"].shape
