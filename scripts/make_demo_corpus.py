@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=SHARED / "stories260K.bin")
     ap.add_argument("--tokenizer", type=Path, default=SHARED / "tok512.model")
     ap.add_argument("--out-dir", type=Path, required=True, help="where train.txt and heldout.txt go (outside git)")
-    ap.add_argument("--rows", type=int, default=6144, help="sampled sequences in all")
+    ap.add_argument("--rows", type=int, default=10240, help="sampled sequences in all")
     ap.add_argument("--first-row", type=int, default=0,
                     help="start at this row and append to the files (to extend a corpus or split the work)")
     ap.add_argument("--batch-size", type=int, default=256, help="sequences per generate call")

@@ -230,7 +230,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, required=True, help="the demo's sentencepiece model")
     ap.add_argument("--work-dir", type=Path, required=True, help="checkpoints and the log (outside git)")
     ap.add_argument("--out", type=Path, default=Path("weights/demo"))
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=1400)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=5e-3)
