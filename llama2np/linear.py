@@ -14,8 +14,10 @@ one call computes all outputs side by side and ``split`` separates them.
 - ``Int8Linear`` holds int8 weights with one float scale per output row and
   widens them tile by tile in the same way.
 
-Decoding (a few input rows) is bound by memory bandwidth: the tiles are then
-spread over ``parallel.num_threads()`` threads, each with one BLAS thread.
+Decoding (a few input rows) is bound by memory bandwidth. A float weight is
+one BLAS GEMV, split over the cores by BLAS's own threads. A tiled weight's
+tiles are spread over ``parallel.num_threads()`` threads of ours (widening is a
+NumPy ufunc, which BLAS cannot thread), each with one BLAS thread.
 """
 
 from __future__ import annotations
@@ -34,15 +36,10 @@ TILE_ELEMENTS = 128 * 1024
 #: with more than a few input rows, bigger tiles make better GEMMs: 4 MiB
 BIG_TILE_ELEMENTS = 1024 * 1024
 
-#: up to this many input rows the multiply is a thin GEMM, bound by memory or by BLAS's thread
-#: hand-offs (measured here: one BLAS thread beats two up to ~128 rows): our threads, one BLAS
-#: thread each. Above it (prefill) BLAS's own threads do better.
+#: up to this many input rows a tiled multiply is a thin GEMM, bound by memory and by widening:
+#: our threads, one BLAS thread each. Above it (prefill) one thread of ours widens big tiles and
+#: BLAS's own threads do the (compute-bound) GEMM.
 FEW_ROWS = 64
-
-#: Decoding one row through a float matrix: up to this many columns NumPy's einsum loop streams
-#: W (out, in) fastest (measured here: 17-20 vs 12-14 GB/s for BLAS at 768 columns); wider matrices
-#: are stored transposed (Fortran order) and BLAS streams W.T (in, out) fastest (~10-20 % faster).
-EINSUM_MAX_IN = 1024
 
 _workspace = threading.local()  # per-thread tile buffers, shared by every Linear
 
@@ -61,10 +58,7 @@ class Linear:
             self.parts = parts
         else:
             floats = [to_float(w, self.dtype) for w in parts]
-            weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
-            if self.in_features > EINSUM_MAX_IN:
-                weight = np.asfortranarray(weight)  # same values; W.T is now C-contiguous
-            self.weight = weight
+            self.weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
             self.parts = [self.weight]
             if self.weight is not parts[0]:  # a converted copy replaces them: drop their memory-mapped pages
                 for w in parts:
@@ -95,8 +89,6 @@ class Linear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (..., in_features) -> (..., out_features)
         if not self.tiled:
-            if self.in_features <= EINSUM_MAX_IN and x.size == self.in_features:
-                return np.einsum("...i,oi->...o", x, self.weight)
             return x @ self.weight.T
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)

@@ -149,13 +149,24 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return (pairs * rotation).view(x.dtype)
 
 
+# softmax and silu work in place on one new array: at prefill their inputs are the biggest
+# arrays of the forward pass (scores: batch x heads x seq x seq), and every extra temporary
+# is another trip through memory.
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    e = x - x.max(axis=-1, keepdims=True)
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
+    """x * sigmoid(x) = x / (1 + exp(-x))."""
+    s = np.negative(x)
+    np.exp(s, out=s)
+    s += 1.0
+    return np.divide(x, s, out=s)
 
 
 class KVCache:
@@ -207,10 +218,11 @@ class Attention:
         # on one axis so the matmul broadcasts over them instead of copying K and V r times.
         q = q.reshape(bsz, seqlen, g, r, hd).transpose(0, 2, 3, 1, 4)  # (batch, kv_heads, r, seq, hd)
         q = q.reshape(bsz, g, r * seqlen, hd)
-        scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hd))  # (batch, kv_heads, r*seq, kv_len)
+        scores = q @ k.transpose(0, 1, 3, 2)  # (batch, kv_heads, r*seq, kv_len)
+        scores *= 1.0 / math.sqrt(hd)
         scores = scores.reshape(bsz, g, r, seqlen, -1)
         if mask is not None:
-            scores = scores + mask  # (seq, kv_len) broadcast
+            scores += mask  # (seq, kv_len) broadcast
         probs = softmax(scores).reshape(bsz, g, r * seqlen, -1)
         out = (probs @ v).reshape(bsz, g, r, seqlen, hd)  # (batch, kv_heads, r, seq, hd)
         out = out.transpose(0, 3, 1, 2, 4).reshape(bsz, seqlen, -1)  # (batch, seq, dim)
@@ -225,7 +237,9 @@ class FeedForward:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         gate, up = self.w13.split(self.w13(x))
-        return self.w2(silu(gate) * up)
+        h = silu(gate)
+        h *= up
+        return self.w2(h)
 
 
 class TransformerBlock:
@@ -274,7 +288,14 @@ class Transformer:
                                                 vec(p + "ffn_norm.weight")))
         self.norm = vec("norm.weight")
         self.output = lin("output.weight")
+        self.tiled = any(m.tiled for m in self.linears())  # some weights are widened tile by tile
         self.cos, self.sin = rope_tables(args, self.dtype)
+
+    def linears(self) -> list[Linear]:
+        """Every weight matrix of the network (stacked ones as one), embedding excluded."""
+        mats = [m for l in self.layers for m in (l.attention.wqkv, l.attention.wo,
+                                                 l.feed_forward.w13, l.feed_forward.w2)]
+        return mats + [self.output]
 
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.args, batch_size, max_seq_len or self.args.max_seq_len, self.dtype)
@@ -304,8 +325,9 @@ class Transformer:
         mask = None
         if seqlen > 1:  # token i attends to cached positions and to new positions <= i
             mask = np.triu(np.full((seqlen, end), -np.inf, dtype=self.dtype), k=start_pos + 1)
-        # Few rows: bandwidth-bound GEMVs, fastest with one BLAS thread (see parallel.py).
-        with blas_threads(1 if bsz * seqlen <= FEW_ROWS else None):
+        # Few rows through bf16/int8 weights: our threads widen tiles, one BLAS thread each.
+        # Float weights: BLAS's threads split every GEMV and GEMM (see parallel.py).
+        with blas_threads(1 if bsz * seqlen <= FEW_ROWS and self.tiled else None):
             for i, layer in enumerate(self.layers):
                 ck = cache.k[i] if cache is not None else None
                 cv = cache.v[i] if cache is not None else None

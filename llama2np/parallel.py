@@ -1,13 +1,16 @@
 """Threads: a small pool for our own tile work, and the BLAS library's thread count.
 
-Decoding multiplies a few rows by big matrices (GEMV), which is bound by
-memory bandwidth. Measured on a 2-core VM, OpenBLAS's own threads make small
-GEMVs up to 10x slower (thread hand-off costs more than the work), while one
-BLAS thread streams at close to the machine's read bandwidth. So the forward
-pass asks for one BLAS thread while decoding (``blas_threads(1)``) and uses
-all of them for prefill (GEMM, compute bound). Where widening bf16/int8 tiles
-costs CPU time, ``run_parallel`` spreads the tiles over our own threads
-(NumPy releases the GIL inside ufuncs and matmul).
+Two kinds of threads share the cores. BLAS's own threads split a float
+matrix product, GEMV (decoding) or GEMM (prefill), which is all a float
+model's forward pass needs. Weights stored narrower (bf16, int8) are widened
+tile by tile with NumPy ufuncs, which BLAS cannot thread: ``run_parallel``
+spreads those tiles over our own threads (NumPy releases the GIL inside
+ufuncs and matmul), each asking for one BLAS thread (``blas_threads(1)``).
+
+The two must not run at once: measured on a 2-core VM, OpenBLAS's threads
+keep spinning for ~0.1 s after their last call, and our threads running then
+get half the memory bandwidth. So a forward pass picks one kind for all its
+thin multiplies (see ``Transformer.forward``).
 
 BLAS control needs no extra dependency: it calls OpenBLAS's
 ``*_set_num_threads`` through ctypes when NumPy's BLAS is OpenBLAS, and is a

@@ -29,7 +29,7 @@ import numpy as np
 
 from llama2np.linear import Int8Linear, Linear
 from llama2np.model import PRESETS, ModelArgs, Transformer
-from llama2np.parallel import num_threads, run_parallel, set_num_threads
+from llama2np.parallel import blas_threads, num_threads, run_parallel, set_num_threads
 from llama2np.tensors import float32_to_bf16
 
 SHAPES = {
@@ -75,9 +75,7 @@ def load(opts) -> tuple[Transformer, float]:
 
 def weight_bytes_per_token(model: Transformer) -> int:
     """Bytes of weights one decode step streams from memory (every matrix once, one embedding row)."""
-    linears = [model.output]
-    for layer in model.layers:
-        linears += [layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2]
+    linears = model.linears()
     total = sum(sum(p.nbytes for p in lin.parts) for lin in linears)
     total += sum(lin.scale.nbytes for lin in linears if isinstance(lin, Int8Linear))
     return total + model.tok_embeddings[0].nbytes
@@ -88,15 +86,21 @@ def kv_bytes_per_token(model: Transformer, context: float) -> float:
     return 2 * a.n_layers * a.n_kv_heads * a.head_dim * context * model.dtype.itemsize
 
 
-def read_bandwidth(threads: int, nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Median read bandwidth (bytes/s) of a dot product over a buffer far bigger than the caches."""
-    a = np.ones(nbytes // 4, dtype=np.float32)
+def read_bandwidth(threads: int, nbytes: int, repeats: int = 5) -> float:
+    """Median read bandwidth (bytes/s) of a dot product over ``nbytes`` (at least 256 MiB, at most 2 GiB).
+
+    Pass the bytes one decode step reads: some machines have caches of hundreds of MB, and
+    a small model streams from them faster than a big one streams from DRAM.
+    """
+    a = np.ones(int(np.clip(nbytes, 256 << 20, 2 << 30)) // 4, dtype=np.float32)
     chunks = [[c] for c in np.array_split(a, threads)]
     rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run_parallel(lambda c: np.dot(c[0], c[0]), chunks)
-        rates.append(a.nbytes / (time.perf_counter() - t0))
+    with blas_threads(1):  # our threads, one BLAS thread each: no oversubscribed cores
+        time.sleep(0.3)  # OpenBLAS's threads spin ~0.1 s after their last call, taking our cores
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run_parallel(lambda c: np.dot(c[0], c[0]), chunks)
+            rates.append(a.nbytes / (time.perf_counter() - t0))
     return float(np.median(rates))
 
 
@@ -117,9 +121,7 @@ def prefill_flops(model: Transformer, n: int) -> float:
 
 
 def _linear_params(model: Transformer) -> int:
-    lins = [model.output] + [m for l in model.layers for m in (l.attention.wqkv, l.attention.wo,
-                                                                l.feed_forward.w13, l.feed_forward.w2)]
-    return sum(lin.out_features * lin.in_features for lin in lins)
+    return sum(lin.out_features * lin.in_features for lin in model.linears())
 
 
 def run_llama2np(model: Transformer, prompt: np.ndarray, new_tokens: int, runs: int, profile: bool) -> dict:
@@ -129,7 +131,7 @@ def run_llama2np(model: Transformer, prompt: np.ndarray, new_tokens: int, runs: 
     a = model.args
     model.forward(prompt[None, :1], 0, model.new_cache(1, 1))  # warm-up: a memory-mapped checkpoint is read once
     for _ in range(runs):
-        bandwidth.append(read_bandwidth(num_threads()))
+        bandwidth.append(read_bandwidth(num_threads(), weight_bytes_per_token(model)))
         gemm.append(sgemm_gflops(512, a.dim, a.ffn_hidden_dim))  # the machine's GEMM peak at this width
         cache = model.new_cache(1, len(prompt) + new_tokens)
         t0 = time.perf_counter()
