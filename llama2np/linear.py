@@ -31,8 +31,9 @@ import numpy as np
 from .parallel import num_threads, run_parallel
 from .tensors import bf16_to_float32, is_bf16, to_float
 
-#: floats per widened tile: 128K x 4 bytes = 512 KiB, a quarter of a core's L2 cache
-TILE_ELEMENTS = 128 * 1024
+#: floats per widened tile: 256K x 4 bytes = 1 MiB, half of a core's L2 cache (measured on 7B bf16 decode:
+#: ~15 % faster than 128K, where Python work per tile weighs more; 512K spills)
+TILE_ELEMENTS = 256 * 1024
 #: with more than a few input rows, bigger tiles make better GEMMs: 4 MiB
 BIG_TILE_ELEMENTS = 1024 * 1024
 
@@ -109,9 +110,9 @@ class Linear:
 
         def work(tiles):
             buf = _buffer(self.in_features, self.dtype, rows)
-            for part, r0, r1, c0 in tiles:
-                tile = self._widen(self.parts[part][r0:r1], out=buf[: r1 - r0])
-                np.matmul(x2, tile.T, out=y[:, c0 : c0 + r1 - r0])
+            for stored, c0, c1 in tiles:
+                tile = self._widen(stored, out=buf[: c1 - c0])
+                np.matmul(x2, tile.T, out=y[:, c0:c1])
 
         n = min(num_threads() if x2.shape[0] <= FEW_ROWS else 1, len(tiles))
         run_parallel(work, [tiles[i * len(tiles) // n : (i + 1) * len(tiles) // n] for i in range(n)])
@@ -187,13 +188,17 @@ def release_pages(a: np.ndarray) -> None:
         base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
-def _tile_plan(parts: list[np.ndarray], step: int) -> list[tuple[int, int, int, int]]:
-    """(part, first row, end row, first output column) of every tile of ``step`` rows, in output order."""
+def _tile_plan(parts: list[np.ndarray], step: int) -> list[tuple[np.ndarray, int, int]]:
+    """(stored rows, first and end output column) of every tile of ``step`` rows, in output order.
+
+    The row slices are made once here: a decode step walks thousands of tiles (7B: ~25,000),
+    and Python work per tile shows up in the tokens/s.
+    """
     tiles, c0 = [], 0
-    for i, w in enumerate(parts):
+    for w in parts:
         for r0 in range(0, w.shape[0], step):
             r1 = min(r0 + step, w.shape[0])
-            tiles.append((i, r0, r1, c0 + r0))
+            tiles.append((w[r0:r1], c0 + r0, c0 + r1))
         c0 += w.shape[0]
     return tiles
 

@@ -114,6 +114,27 @@ def sgemm_gflops(m: int, k: int, n: int, repeats: int = 3) -> float:
     return best
 
 
+def machine_worker(spec: dict) -> dict:
+    """Read bandwidth and sgemm GFLOP/s (the GEMM peak at this model's width), in the child."""
+    set_num_threads(spec["threads"])
+    return {"bandwidth": read_bandwidth(spec["threads"], spec["nbytes"]),
+            "sgemm": sgemm_gflops(512, spec["dim"], spec["hidden"])}
+
+
+def measure_machine(threads: int, nbytes: int, dim: int, hidden: int) -> dict:
+    """``machine_worker`` in a child process: its buffers (up to 2 GiB) must not count in our peak RSS."""
+    spec = {"threads": threads, "nbytes": nbytes, "dim": dim, "hidden": hidden}
+    return json.loads(_child("--machine-worker", spec).splitlines()[-1])
+
+
+def _child(flag: str, spec: dict) -> str:
+    """Run this script with ``flag SPEC_JSON``; its stdout (RuntimeError with its stderr if it fails)."""
+    proc = subprocess.run([sys.executable, __file__, flag, json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{flag} failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
 def prefill_flops(model: Transformer, n: int) -> float:
     a = model.args
     matmul = 2 * n * _linear_params(model)
@@ -125,14 +146,15 @@ def _linear_params(model: Transformer) -> int:
 
 
 def run_llama2np(model: Transformer, prompt: np.ndarray, new_tokens: int, runs: int, profile: bool) -> dict:
-    """Median prefill and decode-step seconds; bandwidth and sgemm are measured between the runs,
-    so a machine shared with other jobs loads both sides of each ratio alike."""
+    """Median prefill and decode-step seconds; bandwidth and sgemm are measured between the runs
+    (in a child process), so a machine shared with other jobs loads both sides of each ratio alike."""
     prefill, decode, bandwidth, gemm = [], [], [], []
     a = model.args
     model.forward(prompt[None, :1], 0, model.new_cache(1, 1))  # warm-up: a memory-mapped checkpoint is read once
     for _ in range(runs):
-        bandwidth.append(read_bandwidth(num_threads(), weight_bytes_per_token(model)))
-        gemm.append(sgemm_gflops(512, a.dim, a.ffn_hidden_dim))  # the machine's GEMM peak at this width
+        machine = measure_machine(num_threads(), weight_bytes_per_token(model), a.dim, a.ffn_hidden_dim)
+        bandwidth.append(machine["bandwidth"])
+        gemm.append(machine["sgemm"])
         cache = model.new_cache(1, len(prompt) + new_tokens)
         t0 = time.perf_counter()
         logits = model.forward(prompt[None], 0, cache)
@@ -237,12 +259,12 @@ def run_hf(opts, prompt: np.ndarray) -> dict | None:
     spec = {"checkpoint": opts.checkpoint, "shape": opts.shape, "storage": opts.storage, "seed": opts.seed,
             "hf_dtype": "bf16" if opts.storage == "bf16" or opts.checkpoint and opts.hf_bf16 else opts.compute,
             "threads": opts.threads, "prompt": prompt.tolist(), "new_tokens": opts.new_tokens, "runs": opts.runs}
-    proc = subprocess.run([sys.executable, __file__, "--hf-worker", json.dumps(spec)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"HF comparison failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    try:
+        out = _child("--hf-worker", spec)
+    except RuntimeError as e:
+        print(f"HF comparison: {e}", file=sys.stderr)
         return None
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "hf_dtype": spec["hf_dtype"]}
+    return {**json.loads(out.strip().splitlines()[-1]), "hf_dtype": spec["hf_dtype"]}
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -265,10 +287,12 @@ def main(argv=None) -> int:
                     help="(checkpoints) run HF in bf16, as the checkpoint is stored")
     ap.add_argument("--profile", action="store_true", help="cProfile the decode steps")
     ap.add_argument("--hf-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--machine-worker", help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
-    if opts.hf_worker:
-        print(json.dumps(hf_worker(json.loads(opts.hf_worker))))
-        return 0
+    for worker, spec in ((hf_worker, opts.hf_worker), (machine_worker, opts.machine_worker)):
+        if spec:
+            print(json.dumps(worker(json.loads(spec))))
+            return 0
     if not opts.checkpoint and opts.shape in ("7b", "13b"):
         ap.error(f"--shape {opts.shape}: random weights this big are not made in memory; write a checkpoint with "
                  f"scripts/make_synthetic_checkpoint.py --shape {opts.shape} and pass its path")
