@@ -122,31 +122,32 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x * (1.0 / np.sqrt(ms + eps)) * weight
 
 
-def rope_tables(args: ModelArgs, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of every (position, frequency) angle, each (max_seq_len, head_dim // 2).
+def rope_tables(args: ModelArgs, dtype: np.dtype) -> np.ndarray:
+    """e^(i * position * frequency) for every (position, frequency): (max_seq_len, head_dim // 2) complex.
 
-    Angles are computed in float64 and only then rounded to the compute dtype,
-    so float64 logits are not limited by a float32 angle.
+    Meta's ``freqs_cis``. Angles are computed in float64 and only then rounded to
+    the compute dtype, so float64 logits are not limited by a float32 angle.
     """
     half = args.head_dim // 2
     freqs = 1.0 / args.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / args.head_dim)
     angles = np.outer(np.arange(args.max_seq_len, dtype=np.float64), freqs)
-    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+    rotation = np.empty(angles.shape, dtype=np.result_type(dtype, np.complex64))
+    rotation.real, rotation.imag = np.cos(angles), np.sin(angles)
+    return rotation
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+def apply_rope(x: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     """Rotate each (even, odd) pair of a head's dimensions by its position's angle.
 
-    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim // 2). This is
-    Meta's layout: dimension pairs (2i, 2i+1) form the complex number rotated
-    by frequency i (HF reorders the rows of wq/wk so it can rotate halves
-    instead; loaders undo that).
+    x: (batch, seq, heads, head_dim); rotation: (seq, head_dim // 2) from
+    ``rope_tables``. This is Meta's layout: dimension pairs (2i, 2i+1) form the
+    complex number rotated by frequency i (HF reorders the rows of wq/wk so it
+    can rotate halves instead; loaders undo that).
     """
     # A (real, imaginary) pair is laid out exactly like one complex number, so the
     # rotation is one complex multiply, as in Meta's code (view_as_complex).
-    pairs = np.ascontiguousarray(x).view(np.result_type(x.dtype, np.complex64))  # (batch, seq, heads, head_dim/2)
-    rotation = (cos + 1j * sin)[:, None, :]  # (seq, 1, head_dim/2)
-    return (pairs * rotation).view(x.dtype)
+    pairs = np.ascontiguousarray(x).view(rotation.dtype)  # (batch, seq, heads, head_dim/2)
+    return (pairs * rotation[:, None, :]).view(x.dtype)
 
 
 # softmax and silu work in place on one new array: at prefill their inputs are the biggest
@@ -197,14 +198,14 @@ class Attention:
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wqkv, self.wo = wqkv, wo  # wqkv: wq, wk and wv stacked, one pass over x for all three
 
-    def __call__(self, x, start_pos, cos, sin, mask, cache_k=None, cache_v=None):
+    def __call__(self, x, start_pos, rotation, mask, cache_k=None, cache_v=None):
         bsz, seqlen, _ = x.shape
         g, r, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv.split(self.wqkv(x))
         q = q.reshape(bsz, seqlen, self.n_heads, hd)
         k = k.reshape(bsz, seqlen, g, hd)
         v = v.reshape(bsz, seqlen, g, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rotation), apply_rope(k, rotation)
 
         k = k.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, head_dim)
         v = v.transpose(0, 2, 1, 3)
@@ -249,8 +250,8 @@ class TransformerBlock:
         self.attention, self.feed_forward = attention, feed_forward
         self.attention_norm, self.ffn_norm = attention_norm, ffn_norm
 
-    def __call__(self, x, start_pos, cos, sin, mask, cache_k=None, cache_v=None):
-        h = x + self.attention(rms_norm(x, self.attention_norm, self.eps), start_pos, cos, sin, mask,
+    def __call__(self, x, start_pos, rotation, mask, cache_k=None, cache_v=None):
+        h = x + self.attention(rms_norm(x, self.attention_norm, self.eps), start_pos, rotation, mask,
                                cache_k, cache_v)
         return h + self.feed_forward(rms_norm(h, self.ffn_norm, self.eps))
 
@@ -289,7 +290,7 @@ class Transformer:
         self.norm = vec("norm.weight")
         self.output = lin("output.weight")
         self.tiled = any(m.tiled for m in self.linears())  # some weights are widened tile by tile
-        self.cos, self.sin = rope_tables(args, self.dtype)
+        self.rotation = rope_tables(args, self.dtype)  # (max_seq_len, head_dim // 2) complex
 
     def linears(self) -> list[Linear]:
         """Every weight matrix of the network (stacked ones as one), embedding excluded."""
@@ -321,7 +322,7 @@ class Transformer:
             raise InputError("forward needs at least one token")
 
         h = to_float(self.tok_embeddings[tokens], self.dtype)  # (batch, seq, dim)
-        cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
+        rotation = self.rotation[start_pos:end]
         mask = None
         if seqlen > 1:  # token i attends to cached positions and to new positions <= i
             mask = np.triu(np.full((seqlen, end), -np.inf, dtype=self.dtype), k=start_pos + 1)
@@ -331,6 +332,6 @@ class Transformer:
             for i, layer in enumerate(self.layers):
                 ck = cache.k[i] if cache is not None else None
                 cv = cache.v[i] if cache is not None else None
-                h = layer(h, start_pos, cos, sin, mask, ck, cv)
+                h = layer(h, start_pos, rotation, mask, ck, cv)
             h = rms_norm(h, self.norm, self.args.norm_eps)
             return self.output(h)  # (batch, seq, vocab)
