@@ -133,3 +133,25 @@ def test_stacked_float_weights_give_the_product_of_each(rows):
     assert lin.shape == (32, 1100) and not lin.tiled
     x = rng.standard_normal((1, rows, 1100)).astype(np.float32)
     np.testing.assert_allclose(lin(x), x @ np.concatenate(parts).T, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_model_decodes_like_its_float32_copy():
+    """bf16 weights take the tiled path (our threads) and float32 weights the BLAS-threaded one;
+    incremental decoding through either gives the same logits."""
+    from tiny_model import tiny_args, tiny_state
+
+    args = tiny_args()
+    bf16 = {k: float32_to_bf16(v) for k, v in tiny_state(args).items()}
+    widened = {k: bf16_to_float32(v) for k, v in bf16.items()}
+    tiled, plain = Transformer(args, bf16, "float32"), Transformer(args, widened, "float32")
+    assert tiled.tiled and not plain.tiled
+    assert len(plain.linears()) == 4 * args.n_layers + 1
+    tokens = np.array([[1, 17, 42, 5, 99, 3]])
+    outs = []
+    for model in (tiled, plain):
+        cache = model.new_cache(1, 16)
+        steps = [model.forward(tokens[:, :3], 0, cache)[:, -1]]
+        steps += [model.forward(tokens[:, i : i + 1], i, cache)[:, -1] for i in range(3, 6)]
+        outs.append(np.concatenate(steps))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outs[1][-1], plain.forward(tokens)[0, -1], rtol=1e-5, atol=1e-5)
