@@ -96,7 +96,6 @@ def read_bandwidth(threads: int, nbytes: int, repeats: int = 5) -> float:
     chunks = [[c] for c in np.array_split(a, threads)]
     rates = []
     with blas_threads(1):  # our threads, one BLAS thread each: no oversubscribed cores
-        time.sleep(0.3)  # OpenBLAS's threads spin ~0.1 s after their last call, taking our cores
         for _ in range(repeats):
             t0 = time.perf_counter()
             run_parallel(lambda c: np.dot(c[0], c[0]), chunks)
