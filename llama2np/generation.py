@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import InputError
-from .model import KVCache, Transformer
+from .model import Transformer
 from .sampling import SamplingParams, check_sampling, log_softmax, make_rngs, sample
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -133,14 +133,6 @@ def _stop_prefix_len(text: str, stop: Sequence[str]) -> int:
     return best
 
 
-def _keep_rows(model: Transformer, cache: KVCache, keep: np.ndarray, upto: int) -> KVCache:
-    """A smaller cache holding only the rows in ``keep`` (positions < upto are all that is filled)."""
-    smaller = model.new_cache(int(keep.sum()), cache.max_seq_len)
-    smaller.k[:, :, :, :upto] = cache.k[:, keep, :, :upto]
-    smaller.v[:, :, :, :upto] = cache.v[:, keep, :, :upto]
-    return smaller
-
-
 def run(model: Transformer, rows: list[_Row], params: SamplingParams, rngs: list[np.random.Generator],
         stats: Stats) -> Iterator[list[tuple[int, str]]]:
     """Generate for every row; after each step yield (row index, newly printable text) per row that moved."""
@@ -182,7 +174,7 @@ def run(model: Transformer, rows: list[_Row], params: SamplingParams, rngs: list
         if finished.all():
             return
         if finished.any():
-            cache = _keep_rows(model, cache, ~finished, cur)
+            cache = cache.keep_rows(~finished, cur)
             active = active[~finished]
 
 

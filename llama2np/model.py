@@ -177,10 +177,25 @@ class KVCache:
     pages lazily, so a long max_seq_len costs memory only as it fills.
     """
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: np.dtype):
-        shape = (args.n_layers, batch_size, args.n_kv_heads, max_seq_len, args.head_dim)
+    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: np.dtype,
+                 n_kv_heads: int | None = None):
+        """``n_kv_heads``: the key/value heads this process computes (default all; fewer for a
+        tensor-parallel slice, see ``Shard``)."""
+        shape = (args.n_layers, batch_size, n_kv_heads or args.n_kv_heads, max_seq_len, args.head_dim)
         self.k = np.zeros(shape, dtype=dtype)
         self.v = np.zeros(shape, dtype=dtype)
+
+    def keep_rows(self, keep: np.ndarray, upto: int) -> "KVCache":
+        """A smaller cache holding only the batch rows where ``keep`` (bool, (batch,)) is True.
+
+        Positions < ``upto`` (all that is filled) are copied.
+        """
+        smaller = object.__new__(KVCache)
+        shape = (self.k.shape[0], int(np.count_nonzero(keep)), *self.k.shape[2:])
+        smaller.k, smaller.v = np.zeros(shape, self.k.dtype), np.zeros(shape, self.v.dtype)
+        smaller.k[:, :, :, :upto] = self.k[:, keep, :, :upto]
+        smaller.v[:, :, :, :upto] = self.v[:, keep, :, :upto]
+        return smaller
 
     @property
     def batch_size(self) -> int:
@@ -192,10 +207,15 @@ class KVCache:
 
 
 class Attention:
-    """Multi-head self-attention with grouped key/value heads and rotary positions."""
+    """Multi-head self-attention with grouped key/value heads and rotary positions.
+
+    It computes the heads whose rows ``wqkv`` holds: all of them, or a tensor-parallel
+    slice (then ``wo`` holds the matching columns and the output is a partial sum).
+    """
 
     def __init__(self, args: ModelArgs, wqkv: Linear, wo: Linear):
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.head_dim = args.head_dim
+        self.n_heads, self.n_kv_heads = wqkv.sizes[0] // self.head_dim, wqkv.sizes[1] // self.head_dim
         self.wqkv, self.wo = wqkv, wo  # wqkv: wq, wk and wv stacked, one pass over x for all three
 
     def __call__(self, x, start_pos, rotation, mask, cache_k=None, cache_v=None):
@@ -243,6 +263,42 @@ class FeedForward:
         return self.w2(h)
 
 
+def linear_maker(params: Mapping[str, np.ndarray], dtype: np.dtype, quantize: str | None = None):
+    """``lin(*names)``: one ``Linear`` (``Int8Linear`` when quantize="int8") over the named matrices, stacked."""
+    if quantize not in (None, "int8"):
+        raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
+    linear = Int8Linear if quantize == "int8" else Linear
+
+    def lin(*names: str) -> Linear:
+        layer = linear([params[n] for n in names], dtype)
+        if quantize and hasattr(params, "release"):  # the float originals are no longer needed
+            for n in names:
+                params.release(n)
+        return layer
+
+    return lin
+
+
+def build_layer(args: ModelArgs, params: Mapping[str, np.ndarray], i: int, lin) -> tuple[Attention, FeedForward]:
+    """Layer ``i``'s attention and feed-forward from ``params`` (whole, or a tensor-parallel slice)."""
+    p = f"layers.{i}."
+    attention = Attention(args, lin(*(p + f"attention.{w}.weight" for w in ("wq", "wk", "wv"))),
+                          lin(p + "attention.wo.weight"))
+    ffn = FeedForward(lin(p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"),
+                      lin(p + "feed_forward.w2.weight"))
+    return attention, ffn
+
+
+def causal_mask(seqlen: int, start_pos: int, dtype: np.dtype) -> np.ndarray | None:
+    """(seq, start_pos + seq) additive mask: token i attends to cached positions and new positions <= i.
+
+    None for one token, which attends to everything before it.
+    """
+    if seqlen == 1:
+        return None
+    return np.triu(np.full((seqlen, start_pos + seqlen), -np.inf, dtype=dtype), k=start_pos + 1)
+
+
 class TransformerBlock:
     def __init__(self, args: ModelArgs, attention: Attention, feed_forward: FeedForward,
                  attention_norm: np.ndarray, ffn_norm: np.ndarray):
@@ -263,28 +319,16 @@ class Transformer:
                  quantize: str | None = None):
         """``quantize``: None (weights as stored) or "int8" (weight-only, per-row scales)."""
         self.args, self.dtype = args, np.dtype(dtype)
-        if quantize not in (None, "int8"):
-            raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
-        linear = Int8Linear if quantize == "int8" else Linear
+        lin = linear_maker(params, self.dtype, quantize)
 
         def vec(name):  # norms are tiny: keep them in the compute dtype
             return to_float(params[name], self.dtype)
-
-        def lin(*names):  # several names: their matrices stacked into one Linear
-            layer = linear([params[n] for n in names], self.dtype)
-            if quantize and hasattr(params, "release"):  # the float originals are no longer needed
-                for n in names:
-                    params.release(n)
-            return layer
 
         self.tok_embeddings = params["tok_embeddings.weight"]  # (vocab, dim), any storage dtype
         self.layers = []
         for i in range(args.n_layers):
             p = f"layers.{i}."
-            attention = Attention(args, lin(*(p + f"attention.{w}.weight" for w in ("wq", "wk", "wv"))),
-                                  lin(p + "attention.wo.weight"))
-            ffn = FeedForward(lin(p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"),
-                              lin(p + "feed_forward.w2.weight"))
+            attention, ffn = build_layer(args, params, i, lin)
             self.layers.append(TransformerBlock(args, attention, ffn, vec(p + "attention_norm.weight"),
                                                 vec(p + "ffn_norm.weight")))
         self.norm = vec("norm.weight")
@@ -323,9 +367,7 @@ class Transformer:
 
         h = to_float(self.tok_embeddings[tokens], self.dtype)  # (batch, seq, dim)
         rotation = self.rotation[start_pos:end]
-        mask = None
-        if seqlen > 1:  # token i attends to cached positions and to new positions <= i
-            mask = np.triu(np.full((seqlen, end), -np.inf, dtype=self.dtype), k=start_pos + 1)
+        mask = causal_mask(seqlen, start_pos, self.dtype)
         # Few rows through bf16/int8 weights: our threads widen tiles, one BLAS thread each.
         # Float weights: BLAS's threads split every GEMV and GEMM (see parallel.py).
         with blas_threads(1 if bsz * seqlen <= FEW_ROWS and self.tiled else None):
