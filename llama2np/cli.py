@@ -87,10 +87,33 @@ def load_model(args):
 # --- the commands ----------------------------------------------------------------------
 
 
+def _logit_bias(specs: Sequence[str] | None) -> dict[int, float] | None:
+    """--logit-bias ID=BIAS (repeatable) -> {id: bias}."""
+    if not specs:
+        return None
+    bias = {}
+    for spec in specs:
+        token, sep, value = spec.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise InputError(f"--logit-bias takes TOKEN_ID=BIAS, e.g. 450=-2.5 or 13=-inf; got {spec!r}") from None
+        if not sep:
+            raise InputError(f"--logit-bias takes TOKEN_ID=BIAS, e.g. 450=-2.5 or 13=-inf; got {spec!r}")
+    return bias
+
+
+def _sampling_kwargs(args) -> dict:
+    """The generate/chat keyword arguments the sampling options give."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                logit_bias=_logit_bias(args.logit_bias))
+
+
 def cmd_generate(args) -> int:
     model = load_model(args)
-    stream = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, stream=True)
+    stream = model.generate(args.prompt, stop=args.stop, stream=True, **_sampling_kwargs(args))
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
@@ -127,13 +150,11 @@ def cmd_chat(args) -> int:
             print(f"> {user}")
         messages.append({"role": "user", "content": user})
         try:
-            stream = model.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True)
+            stream = model.chat(messages, stream=True, **_sampling_kwargs(args))
         except InputError as e:  # the conversation outgrew the context: start again from this message
             _say(f"{e}; starting a new conversation")
             messages = system + [messages[-1]]
-            stream = model.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True)
+            stream = model.chat(messages, stream=True, **_sampling_kwargs(args))
         answer = []
         try:
             for piece in stream:
@@ -211,6 +232,17 @@ def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                                                                          "(default: 0.9)")
     g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest (default: off)")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed, for repeatable sampling")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens less likely than P times the likeliest, after top-p (default: 0, off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide (multiply if negative) the logits of tokens already in prompt + output by R, "
+                        "as Hugging Face does (default: 1, off)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                   help="OpenAI's: subtract F x (times a token was generated) from its logit (default: 0)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="F",
+                   help="OpenAI's: subtract F from the logit of every token generated so far (default: 0)")
+    g.add_argument("--logit-bias", action="append", metavar="ID=BIAS",
+                   help="add BIAS to token ID's logit; -inf bans it (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .errors import InputError
 from .model import Transformer
-from .sampling import SamplingParams, check_sampling, log_softmax, make_rngs, sample
+from .sampling import SamplingParams, check_processors, check_sampling, log_softmax, make_rngs, sample
 from .tokenizer import StreamDecoder, Tokenizer
 
 LLAMA_BOS, LLAMA_EOS = 1, 2  # used for id prompts when the model has no tokenizer
@@ -154,7 +154,8 @@ def run(model: Transformer, rows: list[_Row], params: SamplingParams, rngs: list
         events = []
         if gen.any():
             rows_gen = active[gen]
-            next_ids = sample(logits[gen], params, [rngs[i] for i in rows_gen])
+            next_ids = sample(logits[gen], params, [rngs[i] for i in rows_gen],
+                              [(rows[i].prompt, rows[i].new_ids) for i in rows_gen])
             lps = None
             if rows[rows_gen[0]].logprobs is not None:
                 lps = np.take_along_axis(log_softmax(logits[gen]), next_ids[:, None], axis=-1)[:, 0]
@@ -262,14 +263,20 @@ def _finish(row: _Row, echo: bool, prompt_text: str | None) -> Completion:
 def generate(model: Transformer, tokenizer: Tokenizer | None, prompt, max_new_tokens: int = 256,
              temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None, seed=None,
              stop: str | Sequence[str] | None = None, echo: bool = False, logprobs: bool = False,
-             stream: bool = False, text_context: bool = True, text_out: bool = False):
+             stream: bool = False, text_context: bool = True, text_out: bool = False, *, min_p: float = 0.0,
+             repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+             logit_bias: Mapping[int, float] | None = None):
     """See ``Llama2.generate``.
 
     text_context=False decodes the new tokens on their own rather than as the prompt's
     continuation; text_out=True returns text for id prompts too (both for chat).
     """
     check_sampling(temperature, top_p, top_k, max_new_tokens)
-    params = SamplingParams(float(temperature), float(top_p), top_k)
+    check_processors(min_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
+                     model.args.vocab_size)
+    params = SamplingParams(float(temperature), float(top_p), top_k, float(min_p), float(repetition_penalty),
+                            float(frequency_penalty), float(presence_penalty),
+                            {int(k): float(v) for k, v in logit_bias.items()} if logit_bias else None)
     prompts, batched = _as_prompts(prompt)
     if stream and batched:
         raise InputError("stream=True takes one prompt, not a batch")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -79,7 +79,9 @@ class Llama2:
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9,
                  top_k: int | None = None, seed=None, stop: str | Sequence[str] | None = None, echo: bool = False,
-                 logprobs: bool = False, stream: bool = False):
+                 logprobs: bool = False, stream: bool = False, *, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 logit_bias: Mapping[int, float] | None = None):
         """Continue a prompt.
 
         prompt: a str -> the new text (what follows the prompt); a list of token ids
@@ -93,21 +95,29 @@ class Llama2:
         echo: prefix the prompt. logprobs: return ``Completion`` objects (ids, text, logprobs of
         the new tokens, finish_reason) instead. stream: return a ``GenerationStream`` iterator
         of text pieces (ids for an id prompt); its ``completion`` and ``stats`` fill in at the end.
+        Logits processors, applied before temperature in Hugging Face's order: logit_bias
+        ({token id: added logit}, -inf bans), repetition_penalty (HF/CTRL: > 1 discourages every
+        token of prompt + output), frequency_penalty and presence_penalty (OpenAI's, over the new
+        tokens). min_p (after top_p) drops tokens less likely than min_p times the likeliest.
         """
         return _generation.generate(self.model, self._tokenizer, prompt, max_new_tokens, temperature, top_p,
-                                    top_k, seed, stop, echo, logprobs, stream)
+                                    top_k, seed, stop, echo, logprobs, stream, min_p=min_p,
+                                    repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                                    presence_penalty=presence_penalty, logit_bias=logit_bias)
 
     def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9,
-             top_k: int | None = None, seed=None, stop: str | Sequence[str] | None = None, stream: bool = False):
+             top_k: int | None = None, seed=None, stop: str | Sequence[str] | None = None, stream: bool = False,
+             **options):
         """The assistant's answer to a dialog in Meta's chat format.
 
         messages: [{"role": "system" | "user" | "assistant", "content": str}, ...], an optional
         system message first, then user and assistant alternating, ending with user.
         Returns the answer text, or with stream=True an iterator of its pieces.
+        options: the keyword-only options of ``generate`` (penalties, min_p, logit_bias).
         """
         ids = _chat.dialog_tokens(self.tokenizer, messages)
         return _generation.generate(self.model, self.tokenizer, ids, max_new_tokens, temperature, top_p, top_k,
-                                    seed, stop, stream=stream, text_context=False, text_out=True)
+                                    seed, stop, stream=stream, text_context=False, text_out=True, **options)
 
     def perplexity(self, text: str, window: int | None = None, stride: int | None = None) -> float:
         """exp(mean negative log-likelihood) of ``text`` (BOS prepended), windowed over the context length."""
