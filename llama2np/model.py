@@ -20,6 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .config import MAX_SEQ_LEN, field_problem
 from .errors import ConfigError, InputError
 from .linear import FEW_ROWS, Int8Linear, Linear
 from .parallel import blas_threads
@@ -45,22 +46,26 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        problems = []
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "multiple_of"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
+        kinds = {"dim": "positive int", "n_layers": "positive int", "n_heads": "positive int",
+                 "n_kv_heads": "positive int", "max_seq_len": "positive int", "multiple_of": "positive int",
+                 "vocab_size": "int", "hidden_dim": "positive int", "ffn_dim_multiplier": "positive number",
+                 "norm_eps": "positive number", "rope_theta": "positive number"}
+        optional = ("hidden_dim", "ffn_dim_multiplier")
+        problems = [p for name, kind in kinds.items()
+                    if (p := field_problem(name, getattr(self, name), kind, name in optional))]
         if not problems:
+            if self.vocab_size < 1 and self.vocab_size != -1:
+                problems.append(f"vocab_size must be a positive integer (or -1: from the embedding), "
+                                f"got {self.vocab_size}")
+            if self.max_seq_len > MAX_SEQ_LEN:
+                problems.append(f"max_seq_len={self.max_seq_len} is absurd (the limit is {MAX_SEQ_LEN}; "
+                                "Llama 2 was trained on 4096)")
             if self.dim % self.n_heads:
                 problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
             elif self.head_dim % 2:
                 problems.append(f"head_dim={self.head_dim} must be even for RoPE")
             if self.n_heads % self.n_kv_heads:
                 problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if not self.norm_eps > 0:
-            problems.append(f"norm_eps must be > 0, got {self.norm_eps!r}")
-        if not self.rope_theta > 0:
-            problems.append(f"rope_theta must be > 0, got {self.rope_theta!r}")
         if problems:
             raise ConfigError("invalid model arguments: " + "; ".join(problems))
 
@@ -122,15 +127,15 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x * (1.0 / np.sqrt(ms + eps)) * weight
 
 
-def rope_tables(args: ModelArgs, dtype: np.dtype) -> np.ndarray:
-    """e^(i * position * frequency) for every (position, frequency): (max_seq_len, head_dim // 2) complex.
+def rope_tables(args: ModelArgs, dtype: np.dtype, length: int | None = None) -> np.ndarray:
+    """e^(i * position * frequency) for positions [0, length) (default max_seq_len): (length, head_dim // 2) complex.
 
     Meta's ``freqs_cis``. Angles are computed in float64 and only then rounded to
     the compute dtype, so float64 logits are not limited by a float32 angle.
     """
     half = args.head_dim // 2
     freqs = 1.0 / args.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / args.head_dim)
-    angles = np.outer(np.arange(args.max_seq_len, dtype=np.float64), freqs)
+    angles = np.outer(np.arange(args.max_seq_len if length is None else length, dtype=np.float64), freqs)
     rotation = np.empty(angles.shape, dtype=np.result_type(dtype, np.complex64))
     rotation.real, rotation.imag = np.cos(angles), np.sin(angles)
     return rotation
@@ -334,7 +339,15 @@ class Transformer:
         self.norm = vec("norm.weight")
         self.output = lin("output.weight")
         self.tiled = any(m.tiled for m in self.linears())  # some weights are widened tile by tile
-        self.rotation = rope_tables(args, self.dtype)  # (max_seq_len, head_dim // 2) complex
+        self.rotation = rope_tables(args, self.dtype, 0)  # (positions so far, head_dim // 2): see rope()
+
+    def rope(self, end: int) -> np.ndarray:
+        """The RoPE table for at least positions [0, end), grown on demand (doubling, up to max_seq_len),
+        so a long context costs memory only once calls reach that far."""
+        if end > len(self.rotation):
+            length = min(self.args.max_seq_len, max(end, 2 * len(self.rotation), 256))
+            self.rotation = rope_tables(self.args, self.dtype, length)
+        return self.rotation
 
     def linears(self) -> list[Linear]:
         """Every weight matrix of the network (stacked ones as one), embedding excluded."""
@@ -366,7 +379,7 @@ class Transformer:
             raise InputError("forward needs at least one token")
 
         h = to_float(self.tok_embeddings[tokens], self.dtype)  # (batch, seq, dim)
-        rotation = self.rotation[start_pos:end]
+        rotation = self.rope(end)[start_pos:end]
         mask = causal_mask(seqlen, start_pos, self.dtype)
         # Few rows through bf16/int8 weights: our threads widen tiles, one BLAS thread each.
         # Float weights: BLAS's threads split every GEMV and GEMM (see parallel.py).

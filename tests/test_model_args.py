@@ -76,8 +76,8 @@ def test_stated_hidden_dim_wins():
     ({"dim": 0}, "dim must be a positive integer"),
     ({"n_layers": -1}, "n_layers must be a positive integer"),
     ({"n_heads": 2.0}, "n_heads must be a positive integer"),
-    ({"norm_eps": 0.0}, "norm_eps must be > 0"),
-    ({"rope_theta": -1.0}, "rope_theta must be > 0"),
+    ({"norm_eps": 0.0}, "norm_eps must be a positive finite number"),
+    ({"rope_theta": -1.0}, "rope_theta must be a positive finite number"),
 ])
 def test_invalid_args_raise_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message) as info:

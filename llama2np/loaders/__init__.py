@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..model import ModelArgs
-from .common import validate
+from .common import check_max_seq_len, validate
 from .hf import is_hf_dir, load_hf
 from .llama2c import find_llama2c_file, load_llama2c, looks_like_llama2c
 from .llama2c import tokenizer_candidates as llama2c_tokenizer_candidates
@@ -33,6 +33,7 @@ class Checkpoint:
 
 def load_checkpoint(path: str | Path, max_seq_len: int | None = None, progress: bool | None = None) -> Checkpoint:
     """Detect the layout at ``path`` and load it (weights stay memory-mapped where possible)."""
+    check_max_seq_len(max_seq_len)
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..config import MAX_SEQ_LEN, field_problem
+from ..errors import CheckpointError, ConfigError, InputError
 from ..model import ModelArgs
 from ..tensors import STORAGE_DTYPES
 
@@ -69,12 +72,35 @@ def progress_bar(items: Iterable, desc: str, progress: bool | None) -> Iterable:
     return tqdm(items, desc=desc, unit="file", file=sys.stderr)
 
 
-def make_args(params: Mapping, source: Path | str, **overrides) -> ModelArgs:
-    """ModelArgs from a config dict, with errors that name the config file."""
+def check_max_seq_len(max_seq_len) -> None:
+    """The caller's ``max_seq_len`` (None: the model's own) must be a plausible context length."""
+    if max_seq_len is None:
+        return
+    problem = field_problem("max_seq_len", max_seq_len, "positive int")
+    if problem is None and max_seq_len > MAX_SEQ_LEN:
+        problem = f"max_seq_len={max_seq_len} is absurd (the limit is {MAX_SEQ_LEN}; Llama 2 was trained on 4096)"
+    if problem:
+        raise InputError(problem)
+
+
+def make_args(params: Mapping, source: Path | str, max_seq_len: int | None = None, **overrides) -> ModelArgs:
+    """ModelArgs from a config dict, with errors that name the config file.
+
+    ``max_seq_len`` (the caller's, checked by ``check_max_seq_len``) replaces the config's context
+    length; past it, with a ContextLengthWarning, as the model never saw such positions.
+    """
     try:
-        return ModelArgs.from_params(params, **overrides)
+        args = ModelArgs.from_params(params, **overrides)
     except (ConfigError, TypeError) as e:
         raise ConfigError(f"{source}: {e}") from None
+    if max_seq_len is None:
+        return args
+    if max_seq_len > args.max_seq_len:
+        from ..generation import ContextLengthWarning
+
+        warnings.warn(f"max_seq_len={max_seq_len} is past the {args.max_seq_len} positions the model at {source} "
+                      "was trained on: expect worse text beyond them", ContextLengthWarning, stacklevel=4)
+    return dataclasses.replace(args, max_seq_len=max_seq_len)
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..config import check_fields, require_object
 from ..errors import CheckpointError, ConfigError
 from ..model import ModelArgs
 from ..tensors import is_bf16
@@ -34,6 +35,16 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
               "lm_head.weight": "output.weight"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+# config.json key -> what it must hold (keys absent from a config keep their defaults)
+_CONFIG_KINDS = {
+    "hidden_size": "positive int", "intermediate_size": "positive int", "num_hidden_layers": "positive int",
+    "num_attention_heads": "positive int", "num_key_value_heads": "positive int", "head_dim": "positive int",
+    "vocab_size": "positive int", "max_position_embeddings": "positive int", "rms_norm_eps": "positive number",
+    "rope_theta": "positive number", "rope_parameters": "object", "tie_word_embeddings": "bool",
+    "attention_bias": "bool", "mlp_bias": "bool", "model_type": "str", "hidden_act": "str",
+}
+_OPTIONAL = ("num_key_value_heads", "head_dim", "rope_parameters", "vocab_size")
 
 _SAFETENSORS = ("model.safetensors.index.json", "model.safetensors")
 _PYTORCH = ("pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -115,14 +126,14 @@ def read_config(directory: Path, vocab_rows: int | None, max_seq_len: int | None
         c = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(c, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    check_fields(require_object(c, str(path)), _CONFIG_KINDS, str(path), optional=_OPTIONAL)
     if c.get("model_type", "llama") != "llama":
         raise ConfigError(f"{path}: model_type {c['model_type']!r} is not a Llama model")
     if c.get("rope_scaling") is not None:
         raise ConfigError(f"{path}: rope_scaling {c['rope_scaling']!r} is not supported (Llama 2 uses none)")
     # transformers >= 5 writes theta inside "rope_parameters" instead of a top-level "rope_theta".
     rope = c.get("rope_parameters") or {}
+    check_fields(rope, {"rope_theta": "positive number", "rope_type": "str"}, f"{path}: rope_parameters")
     if rope.get("rope_type", "default") != "default":
         raise ConfigError(f"{path}: rope_type {rope['rope_type']!r} is not supported (Llama 2 uses plain RoPE)")
     rope_theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -141,8 +152,8 @@ def read_config(directory: Path, vocab_rows: int | None, max_seq_len: int | None
               "n_heads": c["num_attention_heads"], "n_kv_heads": c.get("num_key_value_heads"),
               "vocab_size": vocab_rows if vocab_rows is not None else c.get("vocab_size", -1),
               "norm_eps": c.get("rms_norm_eps", 1e-6), "rope_theta": rope_theta,
-              "max_seq_len": max_seq_len or c.get("max_position_embeddings", 4096)}
-    args = make_args(params, path)
+              "max_seq_len": c.get("max_position_embeddings", 4096)}
+    args = make_args(params, path, max_seq_len)
     if c.get("head_dim", args.head_dim) != args.head_dim:
         raise ConfigError(f"{path}: head_dim={c['head_dim']} but hidden_size / num_attention_heads = "
                           f"{args.head_dim}")

@@ -100,8 +100,8 @@ def load_llama2c(path: Path, max_seq_len: int | None = None) -> tuple[ModelArgs,
                               f"the file is {problem} or not a llama2.c checkpoint")
     params = {"dim": h["dim"], "n_layers": h["n_layers"], "n_heads": h["n_heads"],
               "n_kv_heads": h["n_kv_heads"], "vocab_size": abs(h["vocab_size"]), "hidden_dim": h["hidden_dim"],
-              "max_seq_len": max_seq_len or h["seq_len"], "norm_eps": 1e-5, "rope_theta": 10000.0}
-    args = make_args(params, path)
+              "max_seq_len": h["seq_len"], "norm_eps": 1e-5, "rope_theta": 10000.0}
+    args = make_args(params, path, max_seq_len)
 
     data = np.memmap(path, dtype="<f4", mode="r", offset=HEADER.itemsize)
     arrays, start = {}, 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import field_problem, require_object
 from ..errors import CheckpointError, ConfigError
 from ..tensors import is_bf16
 from .common import LazyStateDict, make_args, progress_bar
@@ -22,6 +23,7 @@ from .torch_pickle import load_pth
 _CONCAT_DIM1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
 _CONCAT_DIM0 = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
                 "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
+_REQUIRED = ("dim", "n_layers", "n_heads")
 
 
 def is_meta_dir(path: Path) -> bool:
@@ -55,11 +57,16 @@ def _concat_axis(name: str) -> int | None:
 def read_params(directory: Path) -> dict:
     path = directory / "params.json"
     try:
-        return json.loads(path.read_text())
+        params = require_object(json.loads(path.read_text()), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: missing (Meta checkpoints ship params.json beside the shards)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    missing = [k for k in _REQUIRED if k not in params]
+    if missing:  # the defaults are 7B's: silently taking them would blame the shards for a bad params.json
+        raise ConfigError(f"{path}: missing key(s) {', '.join(missing)} (Meta's params.json always has "
+                          f"{', '.join(_REQUIRED)})")
+    return params
 
 
 def load_meta(directory: Path, max_seq_len: int | None = None, progress: bool | None = None):
@@ -111,14 +118,14 @@ def load_meta(directory: Path, max_seq_len: int | None = None, progress: bool | 
     if "tok_embeddings.weight" not in state:
         raise CheckpointError(f"{directory}: no tok_embeddings.weight in the shards")
     vocab, columns = shards[0]["tok_embeddings.weight"].shape
-    if isinstance(params.get("dim"), int) and columns * len(shards) != params["dim"]:
-        raise CheckpointError(f"{directory}: params.json has dim={params['dim']} but {len(shards)} shard(s) of "
+    if problem := field_problem("vocab_size", params.get("vocab_size"), "int", optional=True):
+        raise ConfigError(f"{directory / 'params.json'}: {problem}")
+    if params.get("vocab_size", -1) not in (-1, None, vocab):
+        raise ConfigError(f"{directory / 'params.json'}: vocab_size={params['vocab_size']!r} but "
+                          f"tok_embeddings.weight has {vocab} rows")
+    args = make_args(params, directory / "params.json", max_seq_len, vocab_size=vocab)  # checks every field
+    if columns * len(shards) != args.dim:
+        raise CheckpointError(f"{directory}: params.json has dim={args.dim} but {len(shards)} shard(s) of "
                               f"tok_embeddings.weight with {columns} columns each make {columns * len(shards)}: "
                               "a consolidated.NN.pth shard is missing (or params.json belongs to another model)")
-    if params.get("vocab_size", -1) not in (-1, None, vocab):
-        raise ConfigError(f"{directory / 'params.json'}: vocab_size={params['vocab_size']} but "
-                          f"tok_embeddings.weight has {vocab} rows")
-    overrides = {"vocab_size": vocab}
-    if max_seq_len is not None:
-        overrides["max_seq_len"] = max_seq_len
-    return make_args(params, directory / "params.json", **overrides), state
+    return args, state

@@ -1,0 +1,157 @@
+"""Bad configs and checkpoints that disagree with them: one clear error each, never a traceback or a silent load.
+
+Table-driven: (what is written, the error class, a phrase the message must hold). Checkpoints
+are written into tmp_path by the torch-free writers in scripts/, or copied from weights/demo.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from llama2np import ConfigError, InputError, Llama2, ModelArgs, Transformer
+from llama2np.generation import ContextLengthWarning
+from llama2np.loaders import load_checkpoint
+from llama2np.model import rope_tables
+from tiny_model import tiny_state
+
+sys.path.insert(0, str(REPO / "scripts"))
+from make_synthetic_checkpoint import write_hf, write_meta  # noqa: E402
+
+ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=16)
+DEMO = REPO / "weights" / "demo"
+
+
+def ones(name, shape):
+    return np.ones(shape, np.float32) * 0.1
+
+
+def write(layout: str, directory) -> str:
+    """A small checkpoint of ``layout`` in ``directory``; returns the name of its config file."""
+    if layout == "meta":
+        write_meta(directory, ARGS, ones, "float32")
+        return "params.json"
+    write_hf(directory, ARGS, ones, "float32")
+    return "config.json"
+
+
+def edit_config(path, change) -> None:
+    """``change``: a dict of keys to set (None: delete the key), or a str: the file's new text."""
+    if isinstance(change, str):
+        path.write_text(change)
+        return
+    config = json.loads(path.read_text())
+    for key, value in change.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))  # float("inf") / nan are written as Infinity / NaN, as a hand edit might
+
+
+INF, NAN = float("inf"), float("nan")
+
+# (layout, config change, error, phrase the message must contain)
+CONFIG_CASES = {
+    "params-is-a-list": ("meta", "[1, 2]", ConfigError, "expected a JSON object of model settings, got a JSON array"),
+    "params-is-empty": ("meta", "{}", ConfigError, "missing key(s) dim, n_layers, n_heads"),
+    "dim-negative": ("meta", {"dim": -128}, ConfigError, "dim must be a positive integer, got -128"),
+    "dim-string": ("meta", {"dim": "32"}, ConfigError, "dim must be a positive integer, got '32'"),
+    "n_heads-float": ("meta", {"n_heads": 4.0}, ConfigError, "n_heads must be a positive integer, got 4.0"),
+    "n_layers-bool": ("meta", {"n_layers": True}, ConfigError, "n_layers must be a positive integer, got True"),
+    "n_kv_heads-list": ("meta", {"n_kv_heads": [2]}, ConfigError, "n_kv_heads must be a positive integer"),
+    "multiple_of-zero": ("meta", {"multiple_of": 0}, ConfigError, "multiple_of must be a positive integer"),
+    "vocab_size-string": ("meta", {"vocab_size": "64"}, ConfigError, "vocab_size must be an integer"),
+    "norm_eps-string": ("meta", {"norm_eps": "tiny"}, ConfigError,
+                        "norm_eps must be a positive finite number, got 'tiny'"),
+    "norm_eps-zero": ("meta", {"norm_eps": 0}, ConfigError, "norm_eps must be a positive finite number, got 0"),
+    "norm_eps-negative": ("meta", {"norm_eps": -1e-5}, ConfigError, "norm_eps must be a positive finite number"),
+    "norm_eps-nan": ("meta", {"norm_eps": NAN}, ConfigError, "norm_eps must be a positive finite number, got nan"),
+    "norm_eps-infinity": ("meta", {"norm_eps": INF}, ConfigError, "norm_eps must be a positive finite number"),
+    "ffn_dim_multiplier-string": ("meta", {"ffn_dim_multiplier": "1.3"}, ConfigError,
+                                  "ffn_dim_multiplier must be a positive finite number or null, got '1.3'"),
+    "rope_theta-infinity": ("meta", {"rope_theta": INF}, ConfigError,
+                            "rope_theta must be a positive finite number, got inf"),
+    "rope_theta-string": ("meta", {"rope_theta": "1e4"}, ConfigError, "rope_theta must be a positive finite number"),
+    "max_seq_len-absurd": ("meta", {"max_seq_len": 10**9}, ConfigError, "max_seq_len=1000000000 is absurd"),
+    "max_seq_len-float": ("meta", {"max_seq_len": 1e6}, ConfigError, "max_seq_len must be a positive integer"),
+    "config-is-a-list": ("hf", "[]", ConfigError, "expected a JSON object of model settings, got a JSON array"),
+    "config-is-a-number": ("hf", "3", ConfigError, "got a JSON number"),
+    "rope_parameters-list": ("hf", {"rope_parameters": [1]}, ConfigError,
+                             "rope_parameters must be a JSON object or null, got [1]"),
+    "rope_parameters-theta-infinity": ("hf", {"rope_theta": None, "rope_parameters": {"rope_theta": INF}},
+                                       ConfigError, "rope_parameters: rope_theta must be a positive finite number"),
+    "rope_theta-infinity-hf": ("hf", {"rope_theta": INF}, ConfigError, "rope_theta must be a positive finite number"),
+    "num_hidden_layers-string": ("hf", {"num_hidden_layers": "2"}, ConfigError,
+                                 "num_hidden_layers must be a positive integer, got '2'"),
+    "hidden_size-negative": ("hf", {"hidden_size": -128}, ConfigError, "hidden_size must be a positive integer"),
+    "num_key_value_heads-float": ("hf", {"num_key_value_heads": 2.5}, ConfigError,
+                                  "num_key_value_heads must be a positive integer or null, got 2.5"),
+    "rms_norm_eps-string": ("hf", {"rms_norm_eps": "tiny"}, ConfigError,
+                            "rms_norm_eps must be a positive finite number, got 'tiny'"),
+    "rms_norm_eps-nan": ("hf", {"rms_norm_eps": NAN}, ConfigError, "rms_norm_eps must be a positive finite number"),
+    "tie_word_embeddings-string": ("hf", {"tie_word_embeddings": "yes"}, ConfigError,
+                                   "tie_word_embeddings must be true or false"),
+    "model_type-list": ("hf", {"model_type": ["llama"]}, ConfigError, "model_type must be a string"),
+    "max_position_embeddings-absurd": ("hf", {"max_position_embeddings": 10**9}, ConfigError,
+                                       "max_seq_len=1000000000 is absurd"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES)
+def test_bad_config_is_a_clear_error(case, tmp_path):
+    layout, change, error, phrase = CONFIG_CASES[case]
+    config = tmp_path / write(layout, tmp_path)
+    edit_config(config, change)
+    with pytest.raises(error) as info:
+        Llama2.from_pretrained(tmp_path)
+    assert phrase in str(info.value)
+    assert str(config) in str(info.value)  # the message names the file at fault
+
+
+# --- max_seq_len: no table sized by it up front; absurd values refused; past training, a warning ----------
+
+
+@pytest.mark.parametrize("value, phrase", [(10**9, "max_seq_len=1000000000 is absurd"),
+                                           (0, "max_seq_len must be a positive integer, got 0"),
+                                           (2.5, "max_seq_len must be a positive integer, got 2.5")])
+def test_bad_max_seq_len_argument(value, phrase):
+    with pytest.raises(InputError) as info:
+        Llama2.from_pretrained(DEMO, max_seq_len=value)
+    assert phrase in str(info.value) and "params.json" not in str(info.value)  # the caller's value, not the file's
+
+
+def test_long_max_seq_len_allocates_nothing_up_front_and_warns():
+    with pytest.warns(ContextLengthWarning, match="max_seq_len=1000000 is past the 512 positions"):
+        model = Llama2.from_pretrained(DEMO, max_seq_len=10**6)
+    assert model.args.max_seq_len == 10**6
+    assert model.model.rotation.nbytes == 0
+    model.logits([1, 2, 3])
+    assert model.model.rotation.nbytes < 1 << 20  # a few positions' worth, not 10**6 of them
+
+
+def test_max_seq_len_within_training_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Llama2.from_pretrained(DEMO, max_seq_len=256).args.max_seq_len == 256
+
+
+def test_rope_table_grows_to_what_calls_reach():
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, hidden_dim=64, max_seq_len=1000)
+    model = Transformer(args, tiny_state(args), "float64")
+    cache = model.new_cache(1, 700)
+    ids = np.arange(700).reshape(1, -1) % 64
+    model.forward(ids[:, :300], 0, cache)
+    assert len(model.rotation) == 300
+    step = model.forward(ids[:, 300:700], 300, cache)
+    assert 700 <= len(model.rotation) <= 1000
+    np.testing.assert_allclose(model.rotation[:700], rope_tables(args, np.float64, 700), rtol=0, atol=1e-15)
+    whole = model.forward(ids)  # no cache: the table as it is now
+    np.testing.assert_allclose(step[0], whole[0, 300:], rtol=0, atol=1e-9)
+
