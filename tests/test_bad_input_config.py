@@ -15,14 +15,17 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from llama2np import ConfigError, InputError, Llama2, ModelArgs, Transformer
+from llama2np import CheckpointError, ConfigError, InputError, Llama2, ModelArgs, Transformer
 from llama2np.generation import ContextLengthWarning
-from llama2np.loaders import load_checkpoint
+from llama2np.loaders.common import expected_shapes
+from llama2np.loaders.safetensors_file import open_safetensors
+from llama2np.loaders.torch_pickle import load_pth
 from llama2np.model import rope_tables
 from tiny_model import tiny_state
 
 sys.path.insert(0, str(REPO / "scripts"))
-from make_synthetic_checkpoint import write_hf, write_meta  # noqa: E402
+from checkpoint_writers import write_pth, write_safetensors  # noqa: E402
+from make_synthetic_checkpoint import write_hf, write_llama2c, write_meta  # noqa: E402
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=16)
 DEMO = REPO / "weights" / "demo"
@@ -155,3 +158,148 @@ def test_rope_table_grows_to_what_calls_reach():
     whole = model.forward(ids)  # no cache: the table as it is now
     np.testing.assert_allclose(step[0], whole[0, 300:], rtol=0, atol=1e-9)
 
+
+
+# --- a config that leaves tensors unused (item 1): every layout ---------------------------------------------
+
+STATE = {n: np.full(s, 0.1, np.float32) for n, s in expected_shapes(ARGS).items()}
+
+# layout -> writes ARGS' 2-layer checkpoint, then says 1 layer in its config
+FEWER_LAYERS = {
+    "meta": lambda d: (write_meta(d, ARGS, ones, "float32"), edit_config(d / "params.json", {"n_layers": 1})),
+    "meta-2-shards": lambda d: (write_meta(d, ARGS, ones, "float32", n_shards=2),
+                                edit_config(d / "params.json", {"n_layers": 1})),
+    "hf-safetensors": lambda d: (write_hf(d, ARGS, ones, "float32"),
+                                 edit_config(d / "config.json", {"num_hidden_layers": 1})),
+    "hf-index": lambda d: (write_hf(d, ARGS, ones, "float32", shard_bytes=20_000),
+                           edit_config(d / "config.json", {"num_hidden_layers": 1})),
+    "hf-pytorch-bin": lambda d: (write_hf(d, ARGS, ones, "float32", fmt="pytorch"),
+                                 edit_config(d / "config.json", {"num_hidden_layers": 1})),
+    "hf-pytorch-bin-index": lambda d: (write_hf(d, ARGS, ones, "float32", shard_bytes=20_000, fmt="pytorch"),
+                                       edit_config(d / "config.json", {"num_hidden_layers": 1})),
+}
+
+
+@pytest.mark.parametrize("layout", FEWER_LAYERS)
+def test_config_with_fewer_layers_than_the_checkpoint(layout, tmp_path):
+    FEWER_LAYERS[layout](tmp_path)
+    with pytest.raises(ConfigError) as info:
+        Llama2.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert "leaves tensor(s) unused: layers.1.* (9 tensors)" in message
+    assert "the config says n_layers=1 but the checkpoint holds 2 layers" in message
+
+
+def test_demo_with_params_json_saying_2_of_its_4_layers(tmp_path):
+    """The issue's case: it loaded and ran, giving wrong text."""
+    shutil.copy(DEMO / "consolidated.00.pth", tmp_path)
+    shutil.copy(DEMO / "params.json", tmp_path)
+    edit_config(tmp_path / "params.json", {"n_layers": 2})
+    with pytest.raises(ConfigError, match=r"unused: layers\.2\.\*, layers\.3\.\* \(18 tensors\); the config "
+                                          r"says n_layers=2 but the checkpoint holds 4 layers"):
+        Llama2.from_pretrained(tmp_path)
+
+
+def test_llama2c_header_with_fewer_layers(tmp_path):
+    """llama2.c's config is its header: fewer layers there no longer match the file's size."""
+    path = write_llama2c_file(tmp_path / "model.bin")
+    raw = bytearray(path.read_bytes())
+    raw[8:12] = (1).to_bytes(4, "little")  # n_layers, the third int
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="has trailing bytes"):
+        Llama2.from_pretrained(path)
+
+
+def write_llama2c_file(path):
+    write_llama2c(path, ARGS, ones)
+    return path
+
+
+# (layout, extra tensor name) -> a checkpoint holding one tensor the model has no place for
+EXTRA = {
+    "meta": ("meta", "layers.0.attention.wq.bias"),
+    "hf": ("hf", "model.layers.0.self_attn.q_proj.bias"),
+    "hf-unknown-top-level": ("hf", "model.extra_head.weight"),
+}
+
+
+@pytest.mark.parametrize("case", EXTRA)
+def test_tensor_the_model_has_no_place_for(case, tmp_path):
+    layout, extra = EXTRA[case]
+    with_extra = dict(STATE, **{extra: np.zeros(ARGS.dim, np.float32)})
+    if layout == "meta":
+        write_meta(tmp_path, ARGS, ones, "float32")
+        write_pth(tmp_path / "consolidated.00.pth", None, state=with_extra)
+    else:
+        write_hf(tmp_path, ARGS, ones, "float32")
+        path = tmp_path / "model.safetensors"
+        tensors = {k: np.array(f()) for k, f in open_safetensors(path).items()}
+        write_safetensors(path, None, state=dict(tensors, **{extra: np.zeros(ARGS.dim, np.float32)}))
+    with pytest.raises(ConfigError, match=rf"unused: {extra.replace('.', '[.]')} \(1 tensor\); the config does not "
+                                          "describe this checkpoint"):
+        Llama2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_tensors_a_format_carries_unused_are_allowed(layout, tmp_path):
+    """Meta's rope.freqs (write_meta writes it) and the rotary inv_freq buffers of older HF exports."""
+    write(layout, tmp_path)
+    if layout == "hf":
+        path = tmp_path / "model.safetensors"
+        tensors = {k: np.array(f()) for k, f in open_safetensors(path).items()}
+        buffers = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32) for i in range(2)}
+        write_safetensors(path, None, state=dict(tensors, **buffers))
+    else:
+        assert "rope.freqs" in load_pth(tmp_path / "consolidated.00.pth")
+    assert Llama2.from_pretrained(tmp_path).logits([1, 2]).shape == (2, ARGS.vocab_size)
+
+
+# --- malformed safetensors header entries (item 3) ----------------------------------------------------------
+
+# tensor entry change -> phrase
+BAD_ENTRIES = {
+    "shape-of-strings": ({"shape": ["32"]}, "shape must be a list of non-negative integers, got ['32']"),
+    "shape-of-floats": ({"shape": [32.0]}, "shape must be a list of non-negative integers, got [32.0]"),
+    "shape-negative": ({"shape": [-32]}, "shape must be a list of non-negative integers, got [-32]"),
+    "shape-not-a-list": ({"shape": 32}, "shape must be a list of non-negative integers, got 32"),
+    "shape-of-bools": ({"shape": [True]}, "shape must be a list of non-negative integers, got [True]"),
+    "dtype-a-list": ({"dtype": ["F32"]}, "dtype must be a string such as \"F32\", got ['F32']"),
+    "dtype-null": ({"dtype": None}, "dtype must be a string"),
+    "data_offsets-strings": ({"data_offsets": ["0", "128"]}, "data_offsets must be two non-negative integers"),
+    "data_offsets-one": ({"data_offsets": [0]}, "data_offsets must be two non-negative integers"),
+    "data_offsets-negative": ({"data_offsets": [-4, 124]}, "data_offsets must be two non-negative integers"),
+    "data_offsets-dict": ({"data_offsets": {"begin": 0}}, "data_offsets must be two non-negative integers"),
+    "no-dtype": ({"dtype": None, "_drop": "dtype"}, "no dtype in"),
+    "entry-a-list": ("[1, 2]", "expected a JSON object with dtype, shape and data_offsets"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ENTRIES)
+def test_malformed_safetensors_header_entry(case, tmp_path):
+    change, phrase = BAD_ENTRIES[case]
+    write_hf(tmp_path, ARGS, ones, "float32")
+    path = tmp_path / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = "model.norm.weight"
+    if isinstance(change, str):
+        header[name] = json.loads(change)
+    else:
+        header[name] = dict(header[name], **{k: v for k, v in change.items() if k != "_drop"})
+        header[name].pop(change.get("_drop"), None)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    with pytest.raises(CheckpointError) as info:
+        Llama2.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert str(path) in message and repr(name) in message and phrase in message
+
+
+def test_index_naming_files_by_number(tmp_path):
+    write_hf(tmp_path, ARGS, ones, "float32", shard_bytes=20_000)
+    index = tmp_path / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    index.write_text(json.dumps({"weight_map": {k: 1 for k in weight_map}}))
+    with pytest.raises(CheckpointError, match="not a valid weight index"):
+        Llama2.from_pretrained(tmp_path)

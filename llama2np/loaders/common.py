@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -103,34 +104,46 @@ def make_args(params: Mapping, source: Path | str, max_seq_len: int | None = Non
     return dataclasses.replace(args, max_seq_len=max_seq_len)
 
 
+def _layer_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The tensors of one layer (names after ``layers.N.``) with their shapes."""
+    d, kv, hidden = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    return {"attention.wq.weight": (d, d), "attention.wk.weight": (kv, d), "attention.wv.weight": (kv, d),
+            "attention.wo.weight": (d, d), "feed_forward.w1.weight": (hidden, d),
+            "feed_forward.w2.weight": (d, hidden), "feed_forward.w3.weight": (hidden, d),
+            "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
+
+
+
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every tensor the model needs, in Meta naming, with its shape."""
-    d, kv, hidden = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
-    shapes = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,),
-              "output.weight": (args.vocab_size, d)}
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,),
+              "output.weight": (args.vocab_size, args.dim)}
+    layer = _layer_shapes(args)
     for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (d, d), p + "attention.wk.weight": (kv, d),
-            p + "attention.wv.weight": (kv, d), p + "attention.wo.weight": (d, d),
-            p + "feed_forward.w1.weight": (hidden, d), p + "feed_forward.w2.weight": (d, hidden),
-            p + "feed_forward.w3.weight": (hidden, d),
-            p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,),
-        })
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
     return shapes
 
 
 def validate(args: ModelArgs, state: Mapping[str, np.ndarray], source: Path | str) -> None:
-    """Check every needed tensor is present with the shape the config implies and a known dtype.
+    """Check the tensors are exactly those the config implies: each present, of its shape and a known dtype,
+    and none left over.
 
-    Raises CheckpointError naming the checkpoint, the tensor and both shapes;
-    a config that disagrees with the tensors shows up here as a shape mismatch.
+    A missing or misshapen tensor raises CheckpointError naming the checkpoint, the tensor and both
+    shapes; a tensor the config does not use raises ConfigError naming it (a config that says fewer
+    layers than the checkpoint holds would otherwise run, silently wrong). Loaders drop beforehand
+    the tensors a format legitimately carries unused (Meta's rope.freqs, HF's rotary inv_freq).
     """
-    missing = [n for n in expected_shapes(args) if n not in state]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}")
-    for name, shape in expected_shapes(args).items():
+    expected = expected_shapes(args)
+    missing = [n for n in expected if n not in state]
+    unused = [n for n in state if n not in expected]
+    if missing or unused:
+        layers, per_layer = _layer_count_hint(args, state), len(_layer_shapes(args))
+        if unused:
+            raise ConfigError(f"{source}: the config leaves tensor(s) unused: {_summary(unused, per_layer)}; "
+                              f"{layers or 'the config does not describe this checkpoint'}")
+        raise CheckpointError(f"{source}: missing tensor(s) {_summary(missing, per_layer)}"
+                              + (f"; {layers}" if layers else ""))
+    for name, shape in expected.items():
         if isinstance(state, LazyStateDict):
             actual, dtype = state.spec(name)
         else:
@@ -142,3 +155,27 @@ def validate(args: ModelArgs, state: Mapping[str, np.ndarray], source: Path | st
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(actual)}, but the config "
                                   f"(dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, "
                                   f"hidden={args.ffn_hidden_dim}, vocab={args.vocab_size}) implies {shape}")
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def _layer_count_hint(args: ModelArgs, state: Mapping) -> str:
+    """"the config says n_layers=M but the checkpoint holds N layers" when it holds layers 0..N-1, N != M."""
+    held = {int(m.group(1)) for n in state if (m := _LAYER.match(n))}
+    if held and held == set(range(len(held))) and len(held) != args.n_layers:
+        return f"the config says n_layers={args.n_layers} but the checkpoint holds {len(held)} layers"
+    return ""
+
+
+def _summary(names: list[str], per_layer: int, shown: int = 4) -> str:
+    """The names, a whole layer's worth (``per_layer`` of them) as ``layers.N.*``, the first few and how many more."""
+    by_layer: dict[int, int] = {}
+    for n in names:
+        if m := _LAYER.match(n):
+            by_layer[int(m.group(1))] = by_layer.get(int(m.group(1)), 0) + 1
+    whole = sorted(i for i, count in by_layer.items() if count >= per_layer)
+    items = [f"layers.{i}.*" for i in whole]
+    items += [n for n in names if not ((m := _LAYER.match(n)) and int(m.group(1)) in whole)]
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more + f" ({len(names)} tensor{'s' if len(names) != 1 else ''})"

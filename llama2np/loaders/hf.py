@@ -51,7 +51,7 @@ _PYTORCH = ("pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
 def meta_name(hf_name: str) -> str | None:
-    """Meta's name for an HF tensor name, or None for tensors the model does not use."""
+    """Meta's name for an HF tensor name, or None for a tensor the model has no place for."""
     if hf_name in _TOP_NAMES:
         return _TOP_NAMES[hf_name]
     m = _LAYER_RE.fullmatch(hf_name)
@@ -89,6 +89,8 @@ def weight_files(directory: Path, check: bool = True) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 names = sorted(set(weight_map.values()))
+                if not all(isinstance(n, str) for n in names):
+                    raise TypeError(f"weight_map values must be file names, got {names!r}")
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: not a valid weight index ({type(e).__name__}: {e})") from None
             files = [directory / n for n in names]
@@ -173,9 +175,8 @@ def load_hf(directory: Path, max_seq_len: int | None = None, progress: bool | No
     makers: dict[str, Callable[[], np.ndarray]] = {}
     for path in progress_bar(weight_files(directory), "loading shards", progress):
         for hf_name, make in _open(path).items():
-            name = meta_name(hf_name)
-            if name is not None:
-                makers[name] = make
+            if not hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved; RoPE is ours
+                makers[meta_name(hf_name) or hf_name] = make  # unknown names stay: validate reports them
     embed = makers.get("tok_embeddings.weight")
     vocab_rows = embed().shape[0] if embed is not None else None
     args = read_config(directory, vocab_rows, max_seq_len)

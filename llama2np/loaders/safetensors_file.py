@@ -50,12 +50,33 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _entry_problem(entry) -> str | None:
+    """What is wrong with one tensor's header entry as the format defines it, or None."""
+    if not isinstance(entry, dict):
+        return f"expected a JSON object with dtype, shape and data_offsets, got {entry!r}"
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        return f"no {', '.join(missing)} in {entry!r}"
+
+    def counts(value) -> bool:  # JSON integers >= 0 (not true/false, not 2.0)
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in value)
+
+    if not isinstance(entry["dtype"], str):
+        return f"dtype must be a string such as \"F32\", got {entry['dtype']!r}"
+    if not counts(entry["shape"]):
+        return f"shape must be a list of non-negative integers, got {entry['shape']!r}"
+    if not (counts(entry["data_offsets"]) and len(entry["data_offsets"]) == 2):
+        return f"data_offsets must be two non-negative integers [begin, end], got {entry['data_offsets']!r}"
+    return None
+
+
 def _mapper(path: Path, name: str, entry, data_start: int, data_size: int) -> Callable[[], np.ndarray]:
     """Check one header entry; return a function that memory-maps the tensor."""
-    try:
-        dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: {entry!r}") from None
+    problem = _entry_problem(entry)
+    if problem:
+        raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: {problem}")
+    dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
     if dtype_name not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name}, which llama2np cannot load "
                               f"(supported: {', '.join(DTYPES)})")
