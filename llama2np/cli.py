@@ -18,7 +18,7 @@ from .errors import InputError, Llama2npError
 
 PROG = "llama2np"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT_SUFFIXES = (".bin", ".pth", ".safetensors")
+CHECKPOINT_SUFFIXES = (".bin", ".pth", ".safetensors", ".gguf")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,7 +70,7 @@ def find_default_model(roots: Sequence[Path] | None = None) -> tuple[Path, str]:
             raise InputError(f"several checkpoints under {root}/ ({', '.join(p.name for p in user)}): "
                              "choose one with --model")
     raise InputError(f"no --model given and no checkpoint under {' or '.join(looked)}: pass --model PATH "
-                     "(a Meta or Hugging Face directory, or a llama2.c .bin)")
+                     "(a Meta or Hugging Face directory, a llama2.c .bin or a .gguf)")
 
 
 def load_model(args):
@@ -213,8 +213,9 @@ def cmd_logits(args) -> int:
 def _model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="PATH",
-                   help="checkpoint: a Meta directory (params.json + consolidated.*.pth), a Hugging Face directory "
-                        "or a llama2.c .bin (default: the one under weights/, else the demo model weights/demo)")
+                   help="checkpoint: a Meta directory (params.json + consolidated.*.pth), a Hugging Face directory, "
+                        "a llama2.c .bin or a llama.cpp .gguf (default: the one under weights/, else the demo model "
+                        "weights/demo)")
     g.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model (default: found beside the checkpoint)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="compute precision (default: float32)")

@@ -50,6 +50,9 @@ class Llama2:
         tokenizer = None
         if tokenizer_path is not None or any(p.is_file() for p in candidates):
             tokenizer = Tokenizer(next((p for p in candidates if p.is_file()), candidates[0]))
+        elif ckpt.embedded_tokenizer is not None and (proto := ckpt.embedded_tokenizer()) is not None:
+            tokenizer = Tokenizer(ckpt.source, serialized=proto)  # a GGUF's own vocabulary
+        if tokenizer is not None:
             if tokenizer.vocab_size != ckpt.args.vocab_size:
                 raise TokenizerError(f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces but the "
                                      f"model at {ckpt.source} has vocab_size {ckpt.args.vocab_size}")

@@ -11,15 +11,20 @@ from .errors import TokenizerError
 class Tokenizer:
     """Wraps ``tokenizer.model``; ids are exactly those of Meta's ``Tokenizer``."""
 
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | Path, serialized: bytes | None = None):
+        """``model_path``: a tokenizer.model; or with ``serialized`` (a ModelProto's bytes, e.g. rebuilt
+        from a GGUF's vocabulary), the file those bytes came from, named in errors."""
         import sentencepiece
 
         self.path = Path(model_path)
-        if not self.path.is_file():
+        if serialized is None and not self.path.is_file():
             raise TokenizerError(f"{self.path}: no such tokenizer file")
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
-            self.sp.Load(str(self.path))
+            if serialized is None:
+                self.sp.Load(str(self.path))
+            else:
+                self.sp.LoadFromSerializedProto(serialized)
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"{self.path}: not a sentencepiece model ({e})") from None
         self.vocab_size: int = self.sp.vocab_size()

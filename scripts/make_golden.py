@@ -364,6 +364,11 @@ def main() -> None:
     manifest["stories260K"] = make_stories260k(out)
 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    print("GGUF files (llama.cpp's format) of the layouts model:")
+    from make_gguf_golden import write_all  # needs the gguf extra too
+
+    write_all(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {len(manifest)} fixtures to {out} ({size / 1e6:.2f} MB)")
 

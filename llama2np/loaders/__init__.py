@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
 from ..errors import CheckpointError
 from ..model import ModelArgs
 from .common import check_max_seq_len, validate
+from .gguf import find_gguf_file, is_gguf_file, load_gguf, sentencepiece_model
 from .hf import is_hf_dir, load_hf
 from .llama2c import find_llama2c_file, load_llama2c, looks_like_llama2c
 from .llama2c import tokenizer_candidates as llama2c_tokenizer_candidates
@@ -27,8 +28,11 @@ class Checkpoint:
     args: ModelArgs
     state: Mapping[str, np.ndarray]
     source: Path
-    layout: str  # "meta", "hf" or "llama2c"
+    layout: str  # "meta", "hf", "llama2c" or "gguf"
     tokenizer_candidates: list[Path] = field(default_factory=list)
+    #: a sentencepiece model serialized from the checkpoint itself (GGUF's vocabulary), used when no
+    #: tokenizer file is found
+    embedded_tokenizer: Callable[[], bytes] | None = None
 
 
 def load_checkpoint(path: str | Path, max_seq_len: int | None = None, progress: bool | None = None) -> Checkpoint:
@@ -48,6 +52,10 @@ def load_checkpoint(path: str | Path, max_seq_len: int | None = None, progress: 
     elif is_hf_dir(path):
         args, state = load_hf(path, max_seq_len=max_seq_len, progress=progress)
         ckpt = Checkpoint(args, state, path, "hf", [path / "tokenizer.model", path.parent / "tokenizer.model"])
+    elif (gguf_file := path if is_gguf_file(path) else find_gguf_file(path) if path.is_dir() else None):
+        args, state, reader = load_gguf(gguf_file, max_seq_len=max_seq_len)
+        ckpt = Checkpoint(args, state, gguf_file, "gguf", [gguf_file.parent / "tokenizer.model"],
+                          embedded_tokenizer=lambda: sentencepiece_model(reader, gguf_file))
     elif llama2c is not None:
         args, state = load_llama2c(llama2c, max_seq_len=max_seq_len)
         ckpt = Checkpoint(args, state, llama2c, "llama2c", llama2c_tokenizer_candidates(llama2c))
@@ -57,7 +65,7 @@ def load_checkpoint(path: str | Path, max_seq_len: int | None = None, progress: 
             "(params.json + consolidated.NN.pth); a Hugging Face directory (config.json + model.safetensors, "
             "model-0000K-of-0000N.safetensors + model.safetensors.index.json, or pytorch_model*.bin); "
             "a llama2.c checkpoint (a .bin file whose 7-int header matches its size, or a directory "
-            "holding exactly one)"
+            "holding exactly one); a llama.cpp .gguf file (or a directory holding exactly one)"
         )
     validate(ckpt.args, ckpt.state, ckpt.source)
     return ckpt

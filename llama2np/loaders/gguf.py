@@ -1,0 +1,277 @@
+"""llama.cpp's GGUF: one ``.gguf`` file holding metadata, the vocabulary and every tensor.
+
+Read with the ``gguf`` package (llama.cpp's own ``gguf-py``; ``pip install
+"llama2np[gguf]"``): its ``GGUFReader`` parses the file and memory-maps the
+tensors, its ``gguf.quants.dequantize`` turns quantized blocks into floats.
+Nothing of the format is parsed here by hand. The conventions, checked
+against llama.cpp's ``convert_hf_to_gguf.py`` and ``gguf-py``:
+
+* Hyper-parameters are ``llama.*`` keys: ``embedding_length`` (dim),
+  ``block_count`` (n_layers), ``feed_forward_length`` (hidden_dim),
+  ``attention.head_count`` / ``attention.head_count_kv`` (n_heads /
+  n_kv_heads, default n_heads), ``attention.layer_norm_rms_epsilon``
+  (norm_eps), ``rope.freq_base`` (rope_theta, default 10000) and
+  ``context_length`` (max_seq_len). GGUF stores them as float32: a float is
+  read back as the shortest decimal that rounds to the same float32 (1e-05,
+  not 9.99999975e-06), which is the number the model's own config held.
+* Tensor names: ``token_embd`` -> ``tok_embeddings``, ``output_norm`` ->
+  ``norm``, ``output`` (absent: tied to ``token_embd``, as llama.cpp does),
+  ``blk.N.attn_q/attn_k/attn_v/attn_output`` -> ``layers.N.attention.wq/wk/wv/wo``,
+  ``blk.N.ffn_gate/ffn_down/ffn_up`` -> ``feed_forward.w1/w2/w3``,
+  ``blk.N.attn_norm`` -> ``attention_norm``, ``blk.N.ffn_norm`` -> ``ffn_norm``
+  (all with ``.weight``).
+* Dimensions: GGUF lists a tensor's dims innermost first (ggml's ``ne``:
+  ``ne[0]`` = columns), so ``token_embd`` of a 32000 x 4096 embedding says
+  ``[4096, 32000]``. The NumPy shape is the reverse, (32000, 4096), the same
+  (out_features, in_features) as Meta's; rows are contiguous, as in C order.
+* q/k row order: ``convert_hf_to_gguf.py`` (``LlamaModel.permute``) views each
+  head's rows of an HF q_proj/k_proj as (2, head_dim/2) and swaps them to
+  (head_dim/2, 2): the exact inverse of the permutation HF's conversion from
+  Meta applied, so GGUF holds Meta's interleaved (real, imaginary) RoPE pairs
+  (llama.cpp rotates adjacent pairs for the llama architecture), and Meta
+  ``.pth`` files were converted without any permutation. There is nothing to
+  undo here; the golden tests check it against HF's logits.
+* F32, F16 and BF16 tensors are memory-mapped as they are. Quantized tensors
+  (Q8_0, Q4_0, Q4_K, Q6_K, ... whatever ``gguf.quants`` can dequantize) are
+  dequantized when the model first asks for them, a few rows at a time, to
+  float32 and rounded to bf16 (nearest, ties to even): 2 bytes a weight, so
+  a 7B Q4_K_M becomes a 12.6 GiB bf16 model, and the rounding (relative
+  2^-9) adds little to the quantization's own error. The file's pages are
+  released as each tensor is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+from ..linear import TILE_ELEMENTS, release_pages
+from ..tensors import BF16, float32_to_bf16
+from .common import LazyStateDict, make_args
+
+# GGUF name (after "blk.N.") -> Meta name (after "layers.N.")
+_LAYER_NAMES = {
+    "attn_q.weight": "attention.wq.weight", "attn_k.weight": "attention.wk.weight",
+    "attn_v.weight": "attention.wv.weight", "attn_output.weight": "attention.wo.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight", "ffn_down.weight": "feed_forward.w2.weight",
+    "ffn_up.weight": "feed_forward.w3.weight",
+    "attn_norm.weight": "attention_norm.weight", "ffn_norm.weight": "ffn_norm.weight",
+}
+_TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+              "output.weight": "output.weight"}
+
+#: ggml types mapped as they are (the others are quantized blocks)
+_PLAIN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"), "BF16": BF16}
+
+MAGIC = b"GGUF"
+
+
+def import_gguf():
+    """The ``gguf`` package, or a CheckpointError saying which extra installs it."""
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError('reading GGUF files needs the "gguf" package: pip install "llama2np[gguf]"') from None
+    return gguf
+
+
+def meta_name(gguf_name: str) -> str | None:
+    """Meta's name for a GGUF tensor name, or None for tensors the model does not use."""
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def is_gguf_file(path: Path) -> bool:
+    """A file named ``*.gguf``, or any file starting with GGUF's magic bytes."""
+    if not path.is_file():
+        return False
+    if path.suffix == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == MAGIC
+
+
+def find_gguf_file(directory: Path) -> Path | None:
+    """The one ``.gguf`` file of ``directory``; an error when there are several."""
+    found = sorted(directory.glob("*.gguf"))
+    if len(found) > 1:
+        raise CheckpointError(f"{directory}: holds {len(found)} GGUF files ({', '.join(p.name for p in found)}): "
+                              "pass the one to load")
+    return found[0] if found else None
+
+
+def open_reader(path: Path):
+    """A ``gguf.GGUFReader`` over ``path``; a corrupt or truncated file is a CheckpointError naming it."""
+    gguf = import_gguf()
+    try:
+        return gguf.GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
+        size = path.stat().st_size
+        raise CheckpointError(f"{path}: not a readable GGUF file ({size} bytes; {type(e).__name__}: {e}): "
+                              "the file is truncated or corrupt") from None
+
+
+def metadata(reader, key: str, default: Any = None) -> Any:
+    """The value of a metadata key (str, int, float, bool or list), ``default`` when absent."""
+    field = reader.get_field(key)
+    if field is None:
+        return default
+    value = field.contents()
+    if isinstance(value, float):
+        # float32 in the file: the shortest decimal that is the same float32
+        value = float(str(np.float32(value)))
+    return value
+
+
+def read_args(reader, path: Path, vocab_rows: int, max_seq_len: int | None):
+    """ModelArgs from the ``llama.*`` metadata."""
+    arch = metadata(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: general.architecture is {arch!r}; llama2np reads only 'llama' GGUF files")
+    required = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
+                "hidden_dim": "llama.feed_forward_length", "n_heads": "llama.attention.head_count"}
+    missing = [key for key in required.values() if reader.get_field(key) is None]
+    if missing:
+        raise ConfigError(f"{path}: missing metadata key(s) {', '.join(missing)}")
+    params = {name: metadata(reader, key) for name, key in required.items()}
+    params.update(n_kv_heads=metadata(reader, "llama.attention.head_count_kv", params["n_heads"]),
+                  norm_eps=metadata(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
+                  rope_theta=metadata(reader, "llama.rope.freq_base", 10000.0), vocab_size=vocab_rows,
+                  max_seq_len=max_seq_len or metadata(reader, "llama.context_length", 4096))
+    scaling = metadata(reader, "llama.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise ConfigError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported (Llama 2 uses plain RoPE)")
+    args = make_args(params, path)
+    rope_dims = metadata(reader, "llama.rope.dimension_count", args.head_dim)
+    if rope_dims != args.head_dim:
+        raise ConfigError(f"{path}: llama.rope.dimension_count={rope_dims} but embedding_length / head_count = "
+                          f"{args.head_dim} (partial RoPE is not Llama 2)")
+    return args
+
+
+def _maker(gguf, tensor) -> tuple[Callable[[], np.ndarray], tuple[int, ...], np.dtype]:
+    """(function building the tensor in NumPy, its NumPy shape, its dtype) for one GGUF tensor."""
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # ne order -> NumPy order
+    data, qtype = tensor.data, tensor.tensor_type
+    if qtype.name in _PLAIN:
+        dtype = _PLAIN[qtype.name]
+        return (lambda: data.view(dtype).reshape(shape)), shape, dtype
+
+    def build() -> np.ndarray:
+        blocks = data.reshape(-1, data.shape[-1])  # (rows, bytes per row)
+        out = np.empty((blocks.shape[0], shape[-1]), dtype=np.uint16)  # (rows, columns) bf16 bits
+        step = max(1, TILE_ELEMENTS // shape[-1])
+        for r0 in range(0, blocks.shape[0], step):
+            floats = gguf.quants.dequantize(blocks[r0:r0 + step], qtype)  # (step, columns) float32
+            out[r0:r0 + step] = float32_to_bf16(floats).view(np.uint16)
+        release_pages(data)
+        return out.view(BF16).reshape(shape)
+
+    return build, shape, BF16
+
+
+def _check_type(gguf, tensor, path: Path, checked: set) -> None:
+    """Check gguf can dequantize the tensor's type (once per type)."""
+    qtype = tensor.tensor_type
+    if qtype.name in _PLAIN or qtype in checked:
+        return
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        raise CheckpointError(f"{path}: tensor {tensor.name} has type {qtype.name}, which the installed gguf "
+                              "package cannot dequantize (supported: F32, F16, BF16, F64 and the quantized "
+                              "types of gguf.quants, e.g. Q8_0, Q4_0, Q4_K, Q6_K)") from None
+    checked.add(qtype)
+
+
+def load_gguf(path: Path, max_seq_len: int | None = None):
+    """(ModelArgs, lazily built state dict in Meta naming, the reader) for a ``.gguf`` file."""
+    path = Path(path)
+    gguf = import_gguf()
+    reader = open_reader(path)
+    makers, specs, checked = {}, {}, set()
+    for tensor in reader.tensors:
+        name = meta_name(tensor.name)
+        if name is None:
+            continue
+        _check_type(gguf, tensor, path, checked)
+        make, shape, dtype = _maker(gguf, tensor)
+        makers[name], specs[name] = make, (lambda shape=shape, dtype=dtype: (shape, dtype))
+    if "tok_embeddings.weight" not in makers:
+        raise CheckpointError(f"{path}: no token_embd.weight tensor")
+    if "output.weight" not in makers:  # llama.cpp ties the output to the embedding when it is absent
+        makers["output.weight"] = makers["tok_embeddings.weight"]
+        specs["output.weight"] = specs["tok_embeddings.weight"]
+    vocab_rows = specs["tok_embeddings.weight"]()[0][0]
+    args = read_args(reader, path, vocab_rows, max_seq_len)
+    return args, LazyStateDict(makers, source=path, specs=specs), reader
+
+
+# --- the embedded vocabulary -------------------------------------------------------------
+
+#: how Meta's Llama 2 tokenizer.model was trained: the flags of its trainer_spec that sentencepiece
+#: also reads when encoding (GGUF does not store them; Llama 2's vocabulary always had these)
+_LLAMA_TRAINER_FLAGS = dict(split_by_unicode_script=True, split_by_whitespace=True, split_by_number=True,
+                            split_digits=True, treat_whitespace_as_suffix=False, allow_whitespace_only_pieces=True,
+                            max_sentencepiece_length=16, unk_surface=" \u2047 ")
+
+
+def sentencepiece_model(reader, path: Path) -> bytes | None:
+    """The GGUF's vocabulary (``tokenizer.ggml.*``) as a serialized sentencepiece ModelProto (None: it has none).
+
+    llama.cpp's converter copies every piece of ``tokenizer.model`` with its score
+    and type (GGUF's token types number as sentencepiece's); the BPE model type,
+    byte fallback, special ids and the identity normalizer with a dummy prefix are
+    restored here, so sentencepiece encodes exactly as with the original file.
+    Needs ``protobuf`` (the ``gguf`` extra installs it) for sentencepiece's
+    bundled ``sentencepiece_model_pb2``.
+    """
+    from ..errors import TokenizerError
+
+    kind = metadata(reader, "tokenizer.ggml.model")
+    if kind is None and reader.get_field("tokenizer.ggml.tokens") is None:
+        return None
+    if kind != "llama":
+        raise TokenizerError(f"{path}: tokenizer.ggml.model is {kind!r}; only the 'llama' (sentencepiece BPE) "
+                             "vocabulary can be rebuilt. Pass tokenizer_path= a tokenizer.model")
+    tokens = metadata(reader, "tokenizer.ggml.tokens") or []
+    scores = metadata(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = metadata(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not tokens or len(scores) != len(tokens) or len(types) != len(tokens):
+        raise TokenizerError(f"{path}: tokenizer.ggml.tokens/scores/token_type are missing or of different lengths "
+                             f"({len(tokens)}, {len(scores)}, {len(types)})")
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError as e:
+        raise TokenizerError(f"{path}: rebuilding the embedded vocabulary needs protobuf ({e}): "
+                             'pip install "llama2np[gguf]"') from None
+    model = pb.ModelProto()
+    for piece, score, kind in zip(tokens, scores, types):
+        model.pieces.add(piece=piece, score=float(np.float32(score)), type=int(kind) or 1)
+    spec = model.trainer_spec
+    spec.model_type = pb.TrainerSpec.BPE
+    spec.vocab_size = len(tokens)
+    spec.byte_fallback = 6 in types  # byte pieces <0x00>..<0xFF>
+    spec.unk_id = metadata(reader, "tokenizer.ggml.unknown_token_id", 0)
+    spec.bos_id = metadata(reader, "tokenizer.ggml.bos_token_id", 1)
+    spec.eos_id = metadata(reader, "tokenizer.ggml.eos_token_id", 2)
+    pad = metadata(reader, "tokenizer.ggml.padding_token_id", -1)
+    spec.pad_id = pad if pad not in (spec.unk_id, spec.bos_id, spec.eos_id) else -1  # Meta's has none
+    for key, value in _LLAMA_TRAINER_FLAGS.items():
+        setattr(spec, key, value)
+    for key in ("unk", "bos", "eos", "pad"):
+        i = getattr(spec, f"{key}_id")
+        if 0 <= i < len(tokens):
+            setattr(spec, f"{key}_piece", tokens[i])
+    norm = model.normalizer_spec
+    norm.name, norm.add_dummy_prefix = "identity", bool(metadata(reader, "tokenizer.ggml.add_space_prefix", True))
+    norm.remove_extra_whitespaces, norm.escape_whitespaces = False, True
+    return model.SerializeToString()
