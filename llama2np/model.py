@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import MAX_SEQ_LEN, field_problem
 from .errors import ConfigError, InputError
-from .linear import FEW_ROWS, Int8Linear, Linear
+from .linear import Int8Linear, Linear
 from .parallel import blas_threads
 from .tensors import to_float
 
@@ -381,9 +381,9 @@ class Transformer:
         h = to_float(self.tok_embeddings[tokens], self.dtype)  # (batch, seq, dim)
         rotation = self.rope(end)[start_pos:end]
         mask = causal_mask(seqlen, start_pos, self.dtype)
-        # Few rows through bf16/int8 weights: our threads widen tiles, one BLAS thread each.
+        # bf16/int8 weights: our threads widen tiles, one BLAS thread each, for any number of rows.
         # Float weights: BLAS's threads split every GEMV and GEMM (see parallel.py).
-        with blas_threads(1 if bsz * seqlen <= FEW_ROWS and self.tiled else None):
+        with blas_threads(1 if self.tiled else None):
             for i, layer in enumerate(self.layers):
                 ck = cache.k[i] if cache is not None else None
                 cv = cache.v[i] if cache is not None else None

@@ -75,6 +75,39 @@ def test_stacked_and_bf16_tiled_linear_equal_the_plain_product(rows, threads, mo
         parallel.set_num_threads(parallel._cpu_count())
 
 
+@pytest.mark.parametrize("rows", [1, 12])
+@pytest.mark.parametrize("layout", ["odd in_features", "column slice"])
+def test_bf16_tiles_that_cannot_be_read_as_pairs_are_widened_whole(rows, layout, monkeypatch):
+    monkeypatch.setattr(linear_mod, "TILE_ELEMENTS", 5 * 51)
+    full = float32_to_bf16(rng.standard_normal((40, 102)).astype(np.float32))
+    part = full[:, :51] if layout == "odd in_features" else full[:, ::2]  # 51 columns / stride 4 bytes
+    lin = Linear([part, part[:9]], np.float32)
+    assert lin.tiled and not lin._paired
+    widened = bf16_to_float32(np.concatenate([part, part[:9]]))
+    x = rng.standard_normal((rows, part.shape[1])).astype(np.float32)
+    np.testing.assert_allclose(lin(x), x @ widened.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 30])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_weights_widen_tile_by_tile_to_float64(rows, threads, monkeypatch):
+    """float64 compute keeps bf16 weights bf16 and widens tiles (no float64 copy of the matrix)."""
+    monkeypatch.setattr(linear_mod, "TILE_ELEMENTS", 7 * 64)
+    monkeypatch.setattr(linear_mod, "BIG_TILE_ELEMENTS", 9 * 64)
+    parts = [float32_to_bf16(rng.standard_normal((n, 64)).astype(np.float32)) for n in (40, 23)]
+    exact = np.concatenate([bf16_to_float32(p) for p in parts]).astype(np.float64)
+    x = rng.standard_normal((rows, 64))
+    parallel.set_num_threads(threads)
+    try:
+        lin = Linear(parts, np.float64)
+        assert lin.tiled and lin.parts[0] is parts[0]
+        got = lin(x)
+    finally:
+        parallel.set_num_threads(parallel._cpu_count())
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, x @ exact.T, rtol=1e-13, atol=1e-13)
+
+
 def test_stacked_parts_must_share_in_features():
     with pytest.raises(ValueError, match="equal in_features"):
         Linear([np.zeros((4, 3), np.float32), np.zeros((4, 5), np.float32)], np.float32)
