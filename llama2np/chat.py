@@ -16,11 +16,19 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from .errors import InputError
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_text
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+
+
+def check_content(content: str, what: str) -> None:
+    """InputError if a message's text is not valid Unicode or holds a tag only the chat format may insert."""
+    check_text(content, what)
+    if any(tag in content for tag in SPECIAL_TAGS):
+        raise InputError(f"{what} contains one of the special tags {', '.join(SPECIAL_TAGS)}, "
+                         "which only the chat format may insert")
 
 
 def check_dialog(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
@@ -33,9 +41,7 @@ def check_dialog(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
             raise InputError(f'message {n} must be a dict with str "role" and "content", got {m!r}')
         if m["role"] not in ("system", "user", "assistant"):
             raise InputError(f'message {n} has role {m["role"]!r}; roles are "system", "user", "assistant"')
-        if any(tag in m["content"] for tag in SPECIAL_TAGS):
-            raise InputError(f"message {n} contains one of the special tags {', '.join(SPECIAL_TAGS)}, "
-                             "which only the chat format may insert")
+        check_content(m["content"], f"message {n}")
         dialog.append({"role": m["role"], "content": m["content"]})
     roles = [m["role"] for m in dialog]
     turns = roles[1:] if roles[0] == "system" else roles
@@ -58,3 +64,24 @@ def dialog_tokens(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -
                                 bos=True, eos=True)
     ids += tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
     return ids
+
+
+def fit_dialog(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
+               context_len: int) -> tuple[list[dict[str, str]], list[int]]:
+    """The dialog, and its prompt ids, shortened if need be to leave room for an answer in ``context_len``.
+
+    The oldest (user, assistant) exchanges after the system message are dropped first; InputError
+    when the last user message does not fit even on its own (with the system message).
+    """
+    dialog = check_dialog(messages)
+    system = dialog[:1] if dialog[0]["role"] == "system" else []
+    turns = dialog[len(system):]
+    while True:
+        ids = dialog_tokens(tokenizer, system + turns)
+        if len(ids) < context_len:
+            return system + turns, ids
+        if len(turns) == 1:
+            with_system = " with the system prompt" if system else ""
+            raise InputError(f"the message is {len(ids)} tokens in the chat format{with_system}; the context "
+                             f"length {context_len} leaves room for at most {context_len - 1}")
+        turns = turns[2:]

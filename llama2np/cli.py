@@ -7,6 +7,7 @@ warnings, errors) goes to stderr. Errors are one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -14,7 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
+from .chat import check_content, fit_dialog
+from .cli_io import check_output_path, check_streams, check_utf8, stdin_keeps_bad_bytes, write_atomically
 from .errors import InputError, Llama2npError
+from .sampling import check_processors, check_sampling
 
 PROG = "llama2np"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +33,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _say(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    if sys.stderr is not None:  # with stderr closed (2>&-) there is nowhere to say it
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (the error names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 # --- which model -----------------------------------------------------------------------
@@ -73,15 +89,20 @@ def find_default_model(roots: Sequence[Path] | None = None) -> tuple[Path, str]:
                      "(a Meta or Hugging Face directory, a llama2.c .bin or a .gguf)")
 
 
-def load_model(args):
+def load_model(args, text: bool = True, ids_flag: str | None = None):
+    """The model the flags name; with ``text``, fail now (naming --tokenizer) if it has no tokenizer."""
     from .llama import Llama2
 
     path = args.model
     if path is None:
         path, why = find_default_model()
         _say(why)
-    return Llama2.from_pretrained(path, dtype=args.dtype, tokenizer_path=args.tokenizer,
-                                  max_seq_len=args.max_seq_len, quantize=args.quantize)
+    model = Llama2.from_pretrained(path, dtype=args.dtype, tokenizer_path=args.tokenizer,
+                                   max_seq_len=args.max_seq_len, quantize=args.quantize)
+    model.tokenizer_hint = "pass --tokenizer PATH" + (f", or give {ids_flag}" if ids_flag else "")
+    if text:
+        model.tokenizer  # noqa: B018  (raises TokenizerError naming where it looked)
+    return model
 
 
 # --- the commands ----------------------------------------------------------------------
@@ -111,9 +132,22 @@ def _sampling_kwargs(args) -> dict:
                 logit_bias=_logit_bias(args.logit_bias))
 
 
+def _checked_sampling_kwargs(args) -> dict:
+    """_sampling_kwargs, checked before any model is loaded (a bad flag should not wait for a 7B load)."""
+    kw = _sampling_kwargs(args)
+    check_sampling(kw["temperature"], kw["top_p"], kw["top_k"], kw["max_new_tokens"])
+    check_processors(kw["min_p"], kw["repetition_penalty"], kw["frequency_penalty"], kw["presence_penalty"],
+                     kw["logit_bias"])
+    return kw
+
+
 def cmd_generate(args) -> int:
+    check_utf8(args.prompt, "--prompt")
+    for s in args.stop or []:
+        check_utf8(s, "--stop")
+    sampling = _checked_sampling_kwargs(args)
     model = load_model(args)
-    stream = model.generate(args.prompt, stop=args.stop, stream=True, **_sampling_kwargs(args))
+    stream = model.generate(args.prompt, stop=args.stop, stream=True, **sampling)
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
@@ -127,6 +161,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    if args.system is not None:
+        check_utf8(args.system, "--system")
+    stdin_keeps_bad_bytes()
+    sampling = _checked_sampling_kwargs(args)
     model = load_model(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
@@ -146,15 +184,21 @@ def cmd_chat(args) -> int:
             return 0
         if not user.strip():
             continue
-        if not interactive:
-            print(f"> {user}")
-        messages.append({"role": "user", "content": user})
-        try:
-            stream = model.chat(messages, stream=True, **_sampling_kwargs(args))
-        except InputError as e:  # the conversation outgrew the context: start again from this message
-            _say(f"{e}; starting a new conversation")
-            messages = system + [messages[-1]]
-            stream = model.chat(messages, stream=True, **_sampling_kwargs(args))
+        try:  # a bad message is reported and dropped; the conversation so far stays
+            check_utf8(user, "the message")
+            if not interactive:
+                print(f"> {user}", flush=True)
+            check_content(user, "the message")
+            kept, _ = fit_dialog(model.tokenizer, messages + [{"role": "user", "content": user}],
+                                 model.args.max_seq_len)
+            stream = model.chat(kept, stream=True, **sampling)
+        except InputError as e:
+            _say(f"{e} (message not sent; the chat goes on)")
+            continue
+        if len(kept) < len(messages) + 1:
+            _say(f"the conversation outgrew the context length {model.args.max_seq_len}: "
+                 f"the oldest {(len(messages) + 1 - len(kept)) // 2} exchange(s) are forgotten")
+        messages = kept
         answer = []
         try:
             for piece in stream:
@@ -187,22 +231,24 @@ def cmd_perplexity(args) -> int:
 
 def cmd_logits(args) -> int:
     out = Path(args.out)
-    if out.suffix not in (".npy", ".npz"):
-        raise InputError(f"--out {out}: the file name must end in .npy or .npz")
-    model = load_model(args)
+    check_output_path(out, "--out", (".npy", ".npz"))
+    if args.prompt is not None:
+        check_utf8(args.prompt, "--prompt")
+    ids = None
     if args.ids is not None:
         try:
             ids = [int(t) for t in args.ids.replace(",", " ").split()]
         except ValueError:
             raise InputError(f'--ids must be token ids separated by spaces, e.g. "1 450 4996"; got {args.ids!r}') \
                 from None
-    else:
+    model = load_model(args, text=ids is None, ids_flag="--ids")
+    if ids is None:
         ids = model.tokenizer.encode(args.prompt, bos=True)
     logits = model.logits(ids)  # (seq, vocab)
     if out.suffix == ".npz":
-        np.savez(out, logits=logits, ids=np.asarray(ids, dtype=np.int64))
+        write_atomically(out, "--out", lambda f: np.savez(f, logits=logits, ids=np.asarray(ids, dtype=np.int64)))
     else:
-        np.save(out, logits)
+        write_atomically(out, "--out", lambda f: np.save(f, logits))
     _say(f"wrote {out}: logits {logits.shape} {logits.dtype} for ids {ids}")
     return 0
 
@@ -219,7 +265,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model (default: found beside the checkpoint)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="compute precision (default: float32)")
-    g.add_argument("--max-seq-len", type=int, metavar="N", help="context length to use (default: the model's)")
+    g.add_argument("--max-seq-len", type=_positive_int, metavar="N", help="context length to use (default: the model's)")
     g.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-row scales), quantised "
                    "while loading: half of bf16's memory, a quarter of float32's")
 
@@ -272,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Perplexity of a UTF-8 text file (BOS prepended), read in sliding windows "
                                    "of the context length.")
     p.add_argument("--file", required=True, metavar="TEXT", help="the text file to score")
-    p.add_argument("--window", type=int, metavar="N", help="tokens per window (default: the context length)")
-    p.add_argument("--stride", type=int, metavar="N", help="tokens between window starts (default: window / 2)")
+    p.add_argument("--window", type=_positive_int, metavar="N", help="tokens per window (default: the context length)")
+    p.add_argument("--stride", type=_positive_int, metavar="N", help="tokens between window starts (default: window / 2)")
     _model_options(p)
     p.set_defaults(run=cmd_perplexity)
 
@@ -302,12 +348,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always")
         warnings.showwarning = _warn_one_line
         try:
+            check_streams(stdin=args.command == "chat", stdout=args.command != "logits")
             return args.run(args)
         except Llama2npError as e:
             _say(f"error: {e}")
             return 2
         except KeyboardInterrupt:
-            print(file=sys.stderr)
+            if sys.stderr is not None:
+                print(file=sys.stderr)
             return 130
-        except BrokenPipeError:  # e.g. piped into head
+        except BrokenPipeError:  # e.g. piped into head: stop quietly, and let the exit not flush into the pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0

@@ -20,8 +20,9 @@ import numpy as np
 
 from .errors import InputError
 from .model import Transformer
+from .progress import layer_callback
 from .sampling import SamplingParams, check_processors, check_sampling, log_softmax, make_rngs, sample
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder, Tokenizer, check_text
 
 LLAMA_BOS, LLAMA_EOS = 1, 2  # used for id prompts when the model has no tokenizer
 
@@ -60,8 +61,12 @@ class Stats:
         return self.decode_steps / self.new_seconds if self.new_seconds else float("nan")
 
     def summary(self) -> str:
+        """One line for people: token counts, and speeds where something was timed."""
+        if not self.prompt_seconds:
+            return "no forward pass ran: no new tokens were asked for, or the prompt fills the context"
+        decode = f", {self.new_tokens_per_s:.1f} tokens/s" if self.new_seconds else ""
         return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tokens_per_s:.1f} tokens/s | "
-                f"generation: {self.new_tokens} tokens, {self.new_tokens_per_s:.1f} tokens/s")
+                f"generation: {self.new_tokens} tokens{decode}")
 
 
 class _Row:
@@ -147,9 +152,11 @@ def run(model: Transformer, rows: list[_Row], params: SamplingParams, rngs: list
     cache = model.new_cache(active.size, total_len)
     stats.prompt_tokens += int(lens[active].sum())
     prev = 0
+    on_layer = layer_callback(model.args.n_layers, int(lens[active].min()) * active.size, model.progress)
     for cur in range(int(lens[active].min()), total_len):
         t0 = time.perf_counter()
-        logits = model.forward(tokens[active, prev:cur], prev, cache)[:, -1]  # (active, vocab)
+        logits = model.forward(tokens[active, prev:cur], prev, cache, on_layer)[:, -1]  # (active, vocab)
+        on_layer = None  # a bar for the prefill only
         gen = lens[active] <= cur  # rows past their prompt; the others keep their prompt token
         events = []
         if gen.any():
@@ -210,6 +217,7 @@ def _is_int(x) -> bool:
 
 def _prompt_ids(p, tokenizer: Tokenizer | None, vocab_size: int, max_seq_len: int) -> list[int]:
     if isinstance(p, str):
+        check_text(p, "the prompt")
         ids = tokenizer.encode(p, bos=True)
     else:
         ids = [int(t) for t in p] or [tokenizer.bos_id if tokenizer else LLAMA_BOS]  # empty: start from BOS
@@ -280,6 +288,8 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompt, max_new_to
     prompts, batched = _as_prompts(prompt)
     if stream and batched:
         raise InputError("stream=True takes one prompt, not a batch")
+    if not (stop is None or isinstance(stop, (str, list, tuple))):
+        raise InputError(f"stop must be a str, a list of str or None, got {type(stop).__name__} {stop!r}")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stop):
         raise InputError(f"stop must be a non-empty str or a list of them, got {stop!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -11,6 +12,7 @@ from .errors import InputError, TokenizerError
 from .loaders import load_checkpoint
 from .model import ModelArgs, Transformer
 from .tensors import resolve_compute_dtype
+from .progress import layer_callback
 from .tokenizer import Tokenizer
 from . import chat as _chat, generation as _generation, perplexity as _perplexity
 
@@ -22,6 +24,8 @@ class Llama2:
     >>> model.logits([1, 450, 4996]).shape
     (3, 32000)
     """
+
+    tokenizer_hint = "pass tokenizer_path= to from_pretrained, or use token ids"  # said when there is none
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None,
                  tokenizer_candidates: Sequence[Path] = (), source: Path | None = None):
@@ -39,13 +43,16 @@ class Llama2:
         dtype: "float32" (default) or "float64" (reference-grade logits).
         tokenizer_path: a ``tokenizer.model``; by default looked for beside the checkpoint.
         max_seq_len: context length to allocate (default: the model's own).
-        progress: show a progress bar while loading (default: when stderr is a terminal).
+        progress: progress bars while loading, on long forward passes and perplexity runs
+            (default None: on a terminal or in a Jupyter notebook, never in logs or pipes).
         quantize: None, or "int8" for weight-only int8 with per-row scales (quantised tensor by
             tensor while loading: a quarter of float32's memory, half of bf16's).
         """
+        _check_from_pretrained_args(path, tokenizer_path, progress)
         compute = resolve_compute_dtype(dtype)
         ckpt = load_checkpoint(path, max_seq_len=max_seq_len, progress=progress)
         model = Transformer(ckpt.args, ckpt.state, compute, quantize=quantize)
+        model.progress = progress
         candidates = [Path(tokenizer_path)] if tokenizer_path is not None else ckpt.tokenizer_candidates
         tokenizer = None
         if tokenizer_path is not None or any(p.is_file() for p in candidates):
@@ -67,8 +74,7 @@ class Llama2:
         """The tokenizer; raises TokenizerError naming where it was looked for when there is none."""
         if self._tokenizer is None:
             where = ", ".join(str(p) for p in self._tokenizer_candidates) or "nowhere"
-            raise TokenizerError(f"no tokenizer for this model (looked for {where}); "
-                                 "pass tokenizer_path= to from_pretrained, or use token ids")
+            raise TokenizerError(f"no tokenizer for this model (looked for {where}); {self.tokenizer_hint}")
         return self._tokenizer
 
     def logits(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -77,7 +83,8 @@ class Llama2:
         A fresh causal forward pass from position 0; no state is kept between calls.
         """
         ids = self.check_ids(tokens)
-        out = self.model.forward(ids if ids.ndim == 2 else ids[None])
+        on_layer = layer_callback(self.args.n_layers, ids.size, self.model.progress)
+        out = self.model.forward(ids if ids.ndim == 2 else ids[None], on_layer=on_layer)
         return out if ids.ndim == 2 else out[0]
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9,
@@ -136,11 +143,24 @@ class Llama2:
             raise InputError("token ids must be a flat list of ints or a rectangular (batch, seq) array") from None
         if ids.ndim not in (1, 2) or ids.shape[-1] == 0:
             raise InputError(f"expected a non-empty list of token ids, got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise InputError(f"token ids must be integers, got {ids.dtype}")
+        if not np.issubdtype(ids.dtype, np.integer):  # e.g. floats, strs, or ints too big for int64 (object)
+            odd = next((t for t in ids.ravel().tolist() if not isinstance(t, int) or isinstance(t, bool)), None)
+            if odd is not None:
+                raise InputError(f"token ids must be integers, got {type(odd).__name__} {odd!r}")
+            bad = next(t for t in ids.ravel().tolist() if not 0 <= t < self.args.vocab_size)
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size})")
         bad = ids[(ids < 0) | (ids >= self.args.vocab_size)]
         if bad.size:
             raise InputError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.args.vocab_size})")
         if ids.shape[-1] > self.args.max_seq_len:
             raise InputError(f"{ids.shape[-1]} tokens exceed the context length {self.args.max_seq_len}")
         return ids.astype(np.int64)
+
+
+def _check_from_pretrained_args(path, tokenizer_path, progress) -> None:
+    """InputError naming the first from_pretrained argument of the wrong type."""
+    for name, value in (("path", path), ("tokenizer_path", tokenizer_path)):
+        if not isinstance(value, (str, os.PathLike)) and not (name == "tokenizer_path" and value is None):
+            raise InputError(f"{name} must be a str or os.PathLike, got {type(value).__name__} {value!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise InputError(f"progress must be True, False or None (automatic), got {progress!r}")

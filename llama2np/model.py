@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -320,6 +320,8 @@ class TransformerBlock:
 class Transformer:
     """The whole network. ``forward`` maps token ids to next-token logits."""
 
+    progress: bool | None = None  # bars on long prefills and perplexity runs: None = on a terminal or in a notebook
+
     def __init__(self, args: ModelArgs, params: Mapping[str, np.ndarray], dtype: str | np.dtype = "float32",
                  quantize: str | None = None):
         """``quantize``: None (weights as stored) or "int8" (weight-only, per-row scales)."""
@@ -358,12 +360,14 @@ class Transformer:
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.args, batch_size, max_seq_len or self.args.max_seq_len, self.dtype)
 
-    def forward(self, tokens: np.ndarray, start_pos: int = 0, cache: KVCache | None = None) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, start_pos: int = 0, cache: KVCache | None = None,
+                on_layer: Callable[[int], None] | None = None) -> np.ndarray:
         """Logits for every position of ``tokens`` (batch, seq) -> (batch, seq, vocab).
 
         Without a cache the tokens are a whole sequence starting at position 0.
         With a cache they continue it at ``start_pos``: their keys and values
         are stored and they attend to everything before them.
+        ``on_layer(i)`` is called after layer i (progress bars on long forwards).
         """
         tokens = np.asarray(tokens)
         bsz, seqlen = tokens.shape
@@ -388,5 +392,7 @@ class Transformer:
                 ck = cache.k[i] if cache is not None else None
                 cv = cache.v[i] if cache is not None else None
                 h = layer(h, start_pos, rotation, mask, ck, cv)
+                if on_layer is not None:
+                    on_layer(i)
             h = rms_norm(h, self.norm, self.args.norm_eps)
             return self.output(h)  # (batch, seq, vocab)

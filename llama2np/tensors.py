@@ -54,7 +54,10 @@ def resolve_compute_dtype(dtype: str | np.dtype) -> np.dtype:
     """'float32' or 'float64' (or the NumPy dtype) as a NumPy dtype; anything else is an error."""
     from .errors import InputError
 
-    key = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    try:
+        key = dtype if isinstance(dtype, str) else np.dtype(dtype).name if dtype is not None else None
+    except TypeError:
+        key = None
     if key not in COMPUTE_DTYPES:
         raise InputError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {dtype!r}")
     return COMPUTE_DTYPES[key]

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .errors import TokenizerError
+import numpy as np
+
+from .errors import InputError, TokenizerError
 
 
 class Tokenizer:
@@ -33,13 +35,21 @@ class Tokenizer:
         self.pad_id: int = self.sp.pad_id()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Ids of ``text``, with BOS first (bos=True) and EOS last (eos=True)."""
         if not isinstance(text, str):
-            raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
+            raise InputError(f"encode takes a str, got {type(text).__name__}")
+        check_text(text)
         ids = self.sp.Encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids) -> str:
         """Text of ``ids``; BOS/EOS vanish and the first piece's leading space is dropped, as in Meta's."""
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise InputError(f"decode takes a list of int token ids, got {type(ids).__name__}")
+        ids = list(ids)
+        odd = next((i for i in ids if not isinstance(i, (int, np.integer)) or isinstance(i, bool)), None)
+        if odd is not None:
+            raise InputError(f"decode takes int token ids, got {type(odd).__name__} {odd!r}")
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -49,6 +59,16 @@ class Tokenizer:
     def stream(self, context: Sequence[int] = ()) -> "StreamDecoder":
         """A decoder that turns ids arriving one at a time into printable text pieces."""
         return StreamDecoder(self, context)
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """InputError if ``text`` holds lone surrogates (not Unicode that UTF-8 can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        codes = ", ".join(f"U+{ord(c):04X}" for c in text[e.start:e.end])
+        raise InputError(f"{what} is not valid Unicode: lone surrogate {codes} at character {e.start} "
+                         f"(in {text[max(0, e.start - 10):e.end + 10]!r})") from None
 
 
 class StreamDecoder:

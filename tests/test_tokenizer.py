@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
-from llama2np import Tokenizer, TokenizerError
+from llama2np import InputError, Tokenizer, TokenizerError
 
 TEXTS = ["Once upon a time", "  two leading spaces", "emoji 😀🎉 and CJK 中文字符, Ελληνικά", "\n\nnew lines\n",
          "a", "", "tabs\tand  double  spaces ", "🦙"]
@@ -92,7 +92,7 @@ def test_bad_input(meta_tok, tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="junk.model"):
         Tokenizer(tmp_path / "junk.model")
-    with pytest.raises(TokenizerError, match="str"):
+    with pytest.raises(InputError, match="str"):
         meta_tok.encode([1, 2])
     with pytest.raises(TokenizerError, match="32000"):
         meta_tok.decode([1, 32000])

@@ -14,6 +14,7 @@ import numpy as np
 from ..config import MAX_SEQ_LEN, field_problem
 from ..errors import CheckpointError, ConfigError, InputError
 from ..model import ModelArgs
+from ..progress import bar
 from ..tensors import STORAGE_DTYPES
 
 
@@ -63,14 +64,8 @@ class LazyStateDict(Mapping):
 
 
 def progress_bar(items: Iterable, desc: str, progress: bool | None) -> Iterable:
-    """Wrap ``items`` in a tqdm bar when ``progress`` is True, or None and stderr is a terminal."""
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="file", file=sys.stderr)
+    """``items`` with a bar (see llama2np.progress: on a terminal or in a notebook by default)."""
+    return bar(items, desc=desc, unit="file", progress=progress)
 
 
 def check_max_seq_len(max_seq_len) -> None:
