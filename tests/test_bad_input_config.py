@@ -103,7 +103,15 @@ CONFIG_CASES = {
                                    "tie_word_embeddings must be true or false"),
     "model_type-list": ("hf", {"model_type": ["llama"]}, ConfigError, "model_type must be a string"),
     "max_position_embeddings-absurd": ("hf", {"max_position_embeddings": 10**9}, ConfigError,
-                                       "max_seq_len=1000000000 is absurd"),
+                                       "max_seq_len=1000000000 is absurd (the limit is 16777216; Llama 2 was "
+                                       "trained on 4096) (in config.json, max_seq_len is max_position_embeddings)"),
+    "hidden_size-not-divisible": ("hf", {"hidden_size": 30}, ConfigError,
+                                  "dim=30 is not divisible by n_heads=4 (in config.json, dim is hidden_size, "
+                                  "n_heads is num_attention_heads)"),
+    "head_dim-disagrees": ("hf", {"head_dim": 16}, ConfigError,
+                           "head_dim=16 but hidden_size / num_attention_heads = 8"),
+    "config-missing-keys": ("hf", "{}", ConfigError,
+                            "missing key(s) hidden_size, intermediate_size, num_hidden_layers, num_attention_heads"),
 }
 
 
@@ -200,19 +208,28 @@ def test_demo_with_params_json_saying_2_of_its_4_layers(tmp_path):
         Llama2.from_pretrained(tmp_path)
 
 
-def test_llama2c_header_with_fewer_layers(tmp_path):
-    """llama2.c's config is its header: fewer layers there no longer match the file's size."""
-    path = write_llama2c_file(tmp_path / "model.bin")
-    raw = bytearray(path.read_bytes())
-    raw[8:12] = (1).to_bytes(4, "little")  # n_layers, the third int
-    path.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="has trailing bytes"):
-        Llama2.from_pretrained(path)
+# llama2.c's config is its 7-int header: (field index, value) -> phrase
+LLAMA2C_HEADERS = {
+    "fewer-layers": (2, 1, "has trailing bytes"),  # no longer matches the file's size
+    "more-layers": (2, 3, "the file is truncated"),
+    "n_heads-zero": (3, 0, "n_heads=0 must be positive"),
+    "dim-negative": (0, -32, "dim=-32 must be positive"),
+    "vocab-zero": (5, 0, "vocab_size=0"),
+    "n_kv_heads-not-dividing": (4, 3, "n_heads=4 is not a multiple of n_kv_heads=3"),
+}
 
 
-def write_llama2c_file(path):
+@pytest.mark.parametrize("case", LLAMA2C_HEADERS)
+def test_bad_llama2c_header(case, tmp_path):
+    field, value, phrase = LLAMA2C_HEADERS[case]
+    path = tmp_path / "model.bin"
     write_llama2c(path, ARGS, ones)
-    return path
+    raw = bytearray(path.read_bytes())
+    raw[4 * field:4 * field + 4] = value.to_bytes(4, "little", signed=True)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError) as info:
+        Llama2.from_pretrained(path)
+    assert str(path) in str(info.value) and phrase in str(info.value)
 
 
 # (layout, extra tensor name) -> a checkpoint holding one tensor the model has no place for

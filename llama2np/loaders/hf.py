@@ -44,6 +44,10 @@ _CONFIG_KINDS = {
     "rope_theta": "positive number", "rope_parameters": "object", "tie_word_embeddings": "bool",
     "attention_bias": "bool", "mlp_bias": "bool", "model_type": "str", "hidden_act": "str",
 }
+# ModelArgs field -> the config.json key it is read from
+_ARG_KEYS = {"dim": "hidden_size", "hidden_dim": "intermediate_size", "n_layers": "num_hidden_layers",
+             "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps",
+             "max_seq_len": "max_position_embeddings"}
 _OPTIONAL = ("num_key_value_heads", "head_dim", "rope_parameters", "vocab_size")
 
 _SAFETENSORS = ("model.safetensors.index.json", "model.safetensors")
@@ -155,7 +159,11 @@ def read_config(directory: Path, vocab_rows: int | None, max_seq_len: int | None
               "vocab_size": vocab_rows if vocab_rows is not None else c.get("vocab_size", -1),
               "norm_eps": c.get("rms_norm_eps", 1e-6), "rope_theta": rope_theta,
               "max_seq_len": c.get("max_position_embeddings", 4096)}
-    args = make_args(params, path, max_seq_len)
+    try:
+        args = make_args(params, path, max_seq_len)
+    except ConfigError as e:  # ModelArgs names its own fields: say which config.json keys they are
+        named = [f"{arg} is {key}" for arg, key in _ARG_KEYS.items() if re.search(rf"\b{arg}\b", str(e))]
+        raise ConfigError(f"{e} (in config.json, {', '.join(named)})" if named else str(e)) from None
     if c.get("head_dim", args.head_dim) != args.head_dim:
         raise ConfigError(f"{path}: head_dim={c['head_dim']} but hidden_size / num_attention_heads = "
                           f"{args.head_dim}")

@@ -54,10 +54,17 @@ def _layout(h: dict[str, int]) -> list[tuple[str, tuple[int, ...]]]:
     return arrays
 
 
-def _plausible(h: dict[str, int]) -> bool:
-    positive = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "seq_len")
-    return (all(h[k] > 0 for k in positive) and h["vocab_size"] != 0 and h["dim"] % h["n_heads"] == 0
-            and h["n_heads"] % h["n_kv_heads"] == 0)
+def _header_problems(h: dict[str, int]) -> list[str]:
+    """What makes a header not a model shape, each naming its field (none: plausible)."""
+    problems = [f"{k}={h[k]} must be positive" for k in
+                ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "seq_len") if h[k] <= 0]
+    if h["vocab_size"] == 0:
+        problems.append("vocab_size=0 (negative: a separate classifier; positive: tied)")
+    if not problems and h["dim"] % h["n_heads"]:
+        problems.append(f"dim={h['dim']} is not divisible by n_heads={h['n_heads']}")
+    if not problems and h["n_heads"] % h["n_kv_heads"]:
+        problems.append(f"n_heads={h['n_heads']} is not a multiple of n_kv_heads={h['n_kv_heads']}")
+    return problems
 
 
 def expected_size(h: dict[str, int]) -> int:
@@ -70,7 +77,7 @@ def is_llama2c_file(path: Path) -> bool:
     if not path.is_file() or zipfile.is_zipfile(path):
         return False
     h = read_header(path)
-    return h is not None and _plausible(h) and expected_size(h) == path.stat().st_size
+    return h is not None and not _header_problems(h) and expected_size(h) == path.stat().st_size
 
 
 def looks_like_llama2c(path: Path) -> bool:
@@ -91,8 +98,8 @@ def load_llama2c(path: Path, max_seq_len: int | None = None) -> tuple[ModelArgs,
     if h is None:
         raise CheckpointError(f"{path}: {path.stat().st_size} bytes is too short for a llama2.c header "
                               f"({HEADER.itemsize} bytes): the file is truncated or not a llama2.c checkpoint")
-    if not _plausible(h):
-        raise CheckpointError(f"{path}: not a llama2.c checkpoint: header {h} is not a valid model shape")
+    if problems := _header_problems(h):
+        raise CheckpointError(f"{path}: not a llama2.c checkpoint: in the header {h}, {'; '.join(problems)}")
     size, want = path.stat().st_size, expected_size(h)
     if size != want:
         problem = "truncated" if size < want else "has trailing bytes"
