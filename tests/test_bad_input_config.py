@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO
 from llama2np import CheckpointError, ConfigError, InputError, Llama2, ModelArgs, Transformer
 from llama2np.generation import ContextLengthWarning
+from llama2np.loaders import load_checkpoint
 from llama2np.loaders.common import expected_shapes
 from llama2np.loaders.safetensors_file import open_safetensors
 from llama2np.loaders.torch_pickle import load_pth
@@ -320,3 +321,16 @@ def test_index_naming_files_by_number(tmp_path):
     index.write_text(json.dumps({"weight_map": {k: 1 for k in weight_map}}))
     with pytest.raises(CheckpointError, match="not a valid weight index"):
         Llama2.from_pretrained(tmp_path)
+
+
+def test_gguf_block_count_fewer_than_its_blocks(tmp_path):
+    pytest.importorskip("gguf")
+    raw = bytearray((REPO / "tests" / "golden" / "gguf" / "f32.gguf").read_bytes())
+    key = raw.index(b"llama.block_count") + len(b"llama.block_count")
+    assert raw[key:key + 8] == (4).to_bytes(4, "little") + (2).to_bytes(4, "little")  # uint32 2
+    raw[key + 4:key + 8] = (1).to_bytes(4, "little")
+    path = tmp_path / "model.gguf"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ConfigError, match=r"unused: layers\.1\.\* \(9 tensors\); the config says n_layers=1 but "
+                                          r"the checkpoint holds 2 layers"):
+        load_checkpoint(path)

@@ -144,11 +144,11 @@ def read_args(reader, path: Path, vocab_rows: int, max_seq_len: int | None):
     params.update(n_kv_heads=metadata(reader, "llama.attention.head_count_kv", params["n_heads"]),
                   norm_eps=metadata(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
                   rope_theta=metadata(reader, "llama.rope.freq_base", 10000.0), vocab_size=vocab_rows,
-                  max_seq_len=max_seq_len or metadata(reader, "llama.context_length", 4096))
+                  max_seq_len=metadata(reader, "llama.context_length", 4096))
     scaling = metadata(reader, "llama.rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise ConfigError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported (Llama 2 uses plain RoPE)")
-    args = make_args(params, path)
+    args = make_args(params, path, max_seq_len)  # warns past the trained context_length
     rope_dims = metadata(reader, "llama.rope.dimension_count", args.head_dim)
     if rope_dims != args.head_dim:
         raise ConfigError(f"{path}: llama.rope.dimension_count={rope_dims} but embedding_length / head_count = "
