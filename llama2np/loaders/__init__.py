@@ -67,5 +67,6 @@ def load_checkpoint(path: str | Path, max_seq_len: int | None = None, progress: 
             "a llama2.c checkpoint (a .bin file whose 7-int header matches its size, or a directory "
             "holding exactly one); a llama.cpp .gguf file (or a directory holding exactly one)"
         )
-    validate(ckpt.args, ckpt.state, ckpt.source)
+    config = {"meta": ckpt.source / "params.json", "hf": ckpt.source / "config.json"}.get(ckpt.layout, ckpt.source)
+    validate(ckpt.args, ckpt.state, ckpt.source, config)
     return ckpt

@@ -119,7 +119,8 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def validate(args: ModelArgs, state: Mapping[str, np.ndarray], source: Path | str) -> None:
+def validate(args: ModelArgs, state: Mapping[str, np.ndarray], source: Path | str,
+             config: Path | str = "the config") -> None:
     """Check the tensors are exactly those the config implies: each present, of its shape and a known dtype,
     and none left over.
 
@@ -127,17 +128,24 @@ def validate(args: ModelArgs, state: Mapping[str, np.ndarray], source: Path | st
     shapes; a tensor the config does not use raises ConfigError naming it (a config that says fewer
     layers than the checkpoint holds would otherwise run, silently wrong). Loaders drop beforehand
     the tensors a format legitimately carries unused (Meta's rope.freqs, HF's rotary inv_freq).
+    ``config``: the file the arguments came from, for the messages.
     """
+    held = {int(m.group(1)) for n in state if (m := _LAYER.match(n))}
+    if args.n_layers > len(state):  # cannot all be there: say so before listing n_layers x 9 names
+        raise CheckpointError(f"{source}: missing tensor(s) of layers {len(held)}..{args.n_layers - 1}; "
+                              f"{config} says n_layers={args.n_layers} but the checkpoint holds {len(held)} layers")
     expected = expected_shapes(args)
     missing = [n for n in expected if n not in state]
     unused = [n for n in state if n not in expected]
     if missing or unused:
-        layers, per_layer = _layer_count_hint(args, state), len(_layer_shapes(args))
+        per_layer = len(_layer_shapes(args))
+        layers = (f"says n_layers={args.n_layers} but the checkpoint holds {len(held)} layers"
+                  if held == set(range(len(held))) and len(held) != args.n_layers else "")
         if unused:
-            raise ConfigError(f"{source}: the config leaves tensor(s) unused: {_summary(unused, per_layer)}; "
-                              f"{layers or 'the config does not describe this checkpoint'}")
+            raise ConfigError(f"{config}: leaves tensor(s) of {source} unused: {_summary(unused, per_layer)}; "
+                              f"it {layers or 'does not describe this checkpoint'}")
         raise CheckpointError(f"{source}: missing tensor(s) {_summary(missing, per_layer)}"
-                              + (f"; {layers}" if layers else ""))
+                              + (f"; {config} {layers}" if layers else ""))
     for name, shape in expected.items():
         if isinstance(state, LazyStateDict):
             actual, dtype = state.spec(name)
@@ -153,14 +161,6 @@ def validate(args: ModelArgs, state: Mapping[str, np.ndarray], source: Path | st
 
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-def _layer_count_hint(args: ModelArgs, state: Mapping) -> str:
-    """"the config says n_layers=M but the checkpoint holds N layers" when it holds layers 0..N-1, N != M."""
-    held = {int(m.group(1)) for n in state if (m := _LAYER.match(n))}
-    if held and held == set(range(len(held))) and len(held) != args.n_layers:
-        return f"the config says n_layers={args.n_layers} but the checkpoint holds {len(held)} layers"
-    return ""
 
 
 def _summary(names: list[str], per_layer: int, shown: int = 4) -> str:
