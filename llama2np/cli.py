@@ -1,4 +1,4 @@
-"""The command line: ``python -m llama2np generate | chat | perplexity | logits``.
+"""The command line: ``python -m llama2np generate | chat | perplexity | logits | compare``.
 
 Text goes to stdout; what the program says about itself (which model, speed,
 warnings, errors) goes to stderr. Errors are one line and exit with status 2.
@@ -214,18 +214,68 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": "".join(answer)})
 
 
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read text ({e})") from None
+
+
 def cmd_perplexity(args) -> int:
     from .perplexity import perplexity
 
-    try:
-        text = Path(args.file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{args.file}: cannot read text ({e})") from None
+    text = _read_text(args.file)
     model = load_model(args)
     result = perplexity(model.model, model.tokenizer.encode(text), args.window, args.stride)
     print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
           f"({result.nll:.4f} nats/token)")
     _say(f"{result.tokens_per_s:.1f} tokens/s ({result.seconds:.2f} s)")
+    return 0
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise InputError(f'--ids must be token ids separated by spaces, e.g. "1 450 4996"; got {text!r}') from None
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from .compare import format_positions, format_summary, summaries
+    from .llama import Llama2
+
+    if args.other is None and args.other_quantize is None and not args.logits:
+        raise InputError("nothing to compare with: give --logits FILE.npz (another engine's logits), "
+                         "--other PATH (a second checkpoint) and/or --other-quantize int8")
+    if args.prompt is not None:
+        check_utf8(args.prompt, "--prompt")
+    reference = load_model(args, text=args.prompt is not None or args.text is not None, ids_flag="--ids or --logits")
+    others: dict = {}
+    if args.other is not None or args.other_quantize is not None:
+        path = args.other or reference.source
+        other = Llama2.from_pretrained(path, dtype=args.other_dtype, tokenizer_path=args.tokenizer,
+                                       max_seq_len=args.max_seq_len, quantize=args.other_quantize)
+        others[f"{Path(path).name} {args.other_dtype}{' int8' if args.other_quantize else ''}"] = other
+    for path in args.logits or []:
+        others[Path(path).name] = path
+    tokens = None
+    if args.ids is not None:
+        tokens = _parse_ids(args.ids)
+    elif args.prompt is not None or args.text is not None:
+        text = args.prompt if args.prompt is not None else _read_text(args.text)
+        tokens = reference.tokenizer.encode(text, bos=True)
+    results = reference.compare(others, tokens=tokens, window=args.window, stride=args.stride)
+    label = f"{reference.source} ({reference.model.dtype}{', int8' if args.quantize else ''})"
+    if args.json:
+        print(json.dumps({"reference": label, "results": summaries(results)}, indent=1))
+        return 0
+    if not args.summary_only:
+        decode = reference._tokenizer.sp.IdToPiece if reference._tokenizer is not None else None
+        for c in results.values():
+            print("\n".join(format_positions(c, decode)), end="\n\n")
+    print(format_summary(results, label))
     return 0
 
 
@@ -236,11 +286,7 @@ def cmd_logits(args) -> int:
         check_utf8(args.prompt, "--prompt")
     ids = None
     if args.ids is not None:
-        try:
-            ids = [int(t) for t in args.ids.replace(",", " ").split()]
-        except ValueError:
-            raise InputError(f'--ids must be token ids separated by spaces, e.g. "1 450 4996"; got {args.ids!r}') \
-                from None
+        ids = _parse_ids(args.ids)
     model = load_model(args, text=ids is None, ids_flag="--ids")
     if ids is None:
         ids = model.tokenizer.encode(args.prompt, bos=True)
@@ -332,6 +378,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="output file, .npy or .npz")
     _model_options(p)
     p.set_defaults(run=cmd_logits)
+
+    p = sub.add_parser("compare", help="how far other logits are from float64 ones (KL, top-1, perplexity)",
+                       description="Run the reference model (--model, float64 by default) over token ids and "
+                                   "compare its logits, position by position, with another engine's (--logits "
+                                   "FILE.npz holding ids (n,) and logits (n, vocab)) and/or a second llama2np model "
+                                   "(--other PATH, --other-quantize int8): max |dlogit|, KL(ref||other) mean and "
+                                   "percentiles, top-1 agreement, perplexity of each.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", metavar="TEXT", help="text, tokenized with BOS")
+    src.add_argument("--text", metavar="FILE", help="a UTF-8 text file, tokenized with BOS, read in windows")
+    src.add_argument("--ids", metavar='"1 2 3"', help="token ids, space separated (default: the ids in --logits)")
+    p.add_argument("--logits", action="append", metavar="FILE.npz", help="another engine's ids and logits "
+                   "(repeatable)")
+    p.add_argument("--other", metavar="PATH", help="a second checkpoint to compare (e.g. a GGUF quantization)")
+    p.add_argument("--other-dtype", default="float32", choices=["float32", "float64"],
+                   help="compute precision of --other (default: float32)")
+    p.add_argument("--other-quantize", choices=["int8"], help="quantize --other (default: the --model checkpoint) "
+                   "to int8 while loading")
+    p.add_argument("--window", type=int, metavar="N", help="tokens per forward pass (default: the context length)")
+    p.add_argument("--stride", type=int, metavar="N", help="tokens between window starts (default: window / 2)")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.add_argument("--summary-only", action="store_true", help="print the summary table only")
+    _model_options(p)
+    p.set_defaults(run=cmd_compare, dtype="float64")
     return parser
 
 
@@ -343,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: generate, chat, perplexity or logits")
+        parser.error("choose a command: generate, chat, perplexity, logits or compare")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _warn_one_line

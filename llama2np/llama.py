@@ -14,7 +14,7 @@ from .model import ModelArgs, Transformer
 from .tensors import resolve_compute_dtype
 from .progress import layer_callback
 from .tokenizer import Tokenizer
-from . import chat as _chat, generation as _generation, perplexity as _perplexity
+from . import chat as _chat, compare as _compare, generation as _generation, perplexity as _perplexity
 
 
 class Llama2:
@@ -134,6 +134,47 @@ class Llama2:
         if not isinstance(text, str):
             raise InputError(f"perplexity takes a str, got {type(text).__name__}")
         return _perplexity.perplexity(self.model, self.tokenizer.encode(text), window, stride).perplexity
+
+    def compare(self, others, tokens: Sequence[int] | None = None, text: str | None = None,
+                window: int | None = None, stride: int | None = None):
+        """How far other logits are from this model's (the reference; load it with dtype="float64").
+
+        others: another ``Llama2`` (e.g. a GGUF quantization, or quantize="int8"), the path of an
+        ``.npz`` of another engine's ``ids`` (n,) and ``logits`` (n, vocab), or a dict label -> either.
+        The ids: ``tokens``, else ``text`` (encoded with BOS), else the .npz's ids. Returns a
+        ``compare.Comparison`` (a dict label -> Comparison for a dict): per-position arrays and a
+        ``summary`` dict (max |dlogit|, mean/p50/p90/p99/max KL(ref || other), top-1 agreement %,
+        perplexity of each side). ``window``/``stride`` read long texts in windows like perplexity.
+        """
+        single = not isinstance(others, dict)
+        items = {self._label(others): others} if single else dict(others)
+        if tokens is None and text is not None:
+            if not isinstance(text, str):
+                raise InputError(f"text must be a str, got {type(text).__name__}")
+            tokens = self.tokenizer.encode(text)
+        sides: dict = {}
+        for label, other in items.items():
+            if isinstance(other, Llama2):
+                sides[label] = other.model
+                continue
+            if not isinstance(other, (str, Path)):
+                raise InputError(f"{label}: compare takes a Llama2 or the path of an .npz, got {type(other).__name__}")
+            npz_ids, logits = _compare.read_logits_npz(other, self.args.vocab_size)
+            if tokens is None:
+                tokens = npz_ids
+            elif not np.array_equal(np.asarray(tokens), npz_ids):
+                raise InputError(f"{other}: its ids differ from the ids being compared")
+            sides[label] = logits
+        if tokens is None:
+            raise InputError("compare needs token ids: pass tokens=, text=, or an .npz that holds ids")
+        results = _compare.compare(self.model, tokens, sides, window, stride)
+        return next(iter(results.values())) if single else results
+
+    @staticmethod
+    def _label(other) -> str:
+        if isinstance(other, Llama2):
+            return f"{other.source} ({other.model.dtype})"
+        return str(other)
 
     def check_ids(self, tokens) -> np.ndarray:
         """Token ids as an int64 array, checked against the vocabulary and the context length."""
