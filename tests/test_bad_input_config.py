@@ -85,6 +85,7 @@ CONFIG_CASES = {
     "rope_theta-string": ("meta", {"rope_theta": "1e4"}, ConfigError, "rope_theta must be a positive finite number"),
     "n_layers-absurd": ("meta", {"n_layers": 10**12}, CheckpointError,
                         "params.json says n_layers=1000000000000 but the checkpoint holds 2 layers"),
+    "use_scaled_rope": ("meta", {"use_scaled_rope": True}, ConfigError, "use_scaled_rope is not supported"),
     "max_seq_len-absurd": ("meta", {"max_seq_len": 10**9}, ConfigError, "max_seq_len=1000000000 is absurd"),
     "max_seq_len-float": ("meta", {"max_seq_len": 1e6}, ConfigError, "max_seq_len must be a positive integer"),
     "config-is-a-list": ("hf", "[]", ConfigError, "expected a JSON object of model settings, got a JSON array"),
@@ -336,3 +337,12 @@ def test_gguf_block_count_fewer_than_its_blocks(tmp_path):
     with pytest.raises(ConfigError, match=r"unused: layers\.1\.\* \(9 tensors\); it says n_layers=1 but "
                                           r"the checkpoint holds 2 layers"):
         load_checkpoint(path)
+
+
+def test_tensor_in_two_hf_shards(tmp_path):
+    write_hf(tmp_path, ARGS, ones, "float32", shard_bytes=20_000)
+    first, second = sorted(tmp_path.glob("model-*.safetensors"))[:2]
+    tensors = {k: np.array(f()) for k, f in open_safetensors(second).items()}
+    write_safetensors(second, None, state=dict(tensors, **{"model.norm.weight": np.ones(ARGS.dim, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight' is in both model-0000"):
+        Llama2.from_pretrained(tmp_path)

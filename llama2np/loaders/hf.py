@@ -181,10 +181,16 @@ def load_hf(directory: Path, max_seq_len: int | None = None, progress: bool | No
     """(ModelArgs, lazily built state dict in Meta naming) for an HF checkpoint directory."""
     directory = Path(directory)
     makers: dict[str, Callable[[], np.ndarray]] = {}
+    found_in: dict[str, Path] = {}
     for path in progress_bar(weight_files(directory), "loading shards", progress):
         for hf_name, make in _open(path).items():
-            if not hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved; RoPE is ours
-                makers[meta_name(hf_name) or hf_name] = make  # unknown names stay: validate reports them
+            if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved; RoPE is ours
+                continue
+            if hf_name in found_in:
+                raise CheckpointError(f"{directory}: tensor {hf_name!r} is in both {found_in[hf_name].name} and "
+                                      f"{path.name}: which one is meant is unknown")
+            found_in[hf_name] = path
+            makers[meta_name(hf_name) or hf_name] = make  # unknown names stay: validate reports them
     embed = makers.get("tok_embeddings.weight")
     vocab_rows = embed().shape[0] if embed is not None else None
     args = read_config(directory, vocab_rows, max_seq_len)

@@ -66,6 +66,8 @@ def read_params(directory: Path) -> dict:
     if missing:  # the defaults are 7B's: silently taking them would blame the shards for a bad params.json
         raise ConfigError(f"{path}: missing key(s) {', '.join(missing)} (Meta's params.json always has "
                           f"{', '.join(_REQUIRED)})")
+    if params.get("use_scaled_rope"):  # Llama 3.1's long-context RoPE: ignoring it would be silently wrong
+        raise ConfigError(f"{path}: use_scaled_rope is not supported (Llama 2 uses plain RoPE)")
     return params
 
 
