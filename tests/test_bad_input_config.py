@@ -32,16 +32,16 @@ ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max
 DEMO = REPO / "weights" / "demo"
 
 
-def ones(name, shape):
+def filled(name, shape):  # every weight 0.1: a valid model; these tests need no numerics
     return np.ones(shape, np.float32) * 0.1
 
 
 def write(layout: str, directory) -> str:
     """A small checkpoint of ``layout`` in ``directory``; returns the name of its config file."""
     if layout == "meta":
-        write_meta(directory, ARGS, ones, "float32")
+        write_meta(directory, ARGS, filled, "float32")
         return "params.json"
-    write_hf(directory, ARGS, ones, "float32")
+    write_hf(directory, ARGS, filled, "float32")
     return "config.json"
 
 
@@ -178,16 +178,16 @@ STATE = {n: np.full(s, 0.1, np.float32) for n, s in expected_shapes(ARGS).items(
 
 # layout -> writes ARGS' 2-layer checkpoint, then says 1 layer in its config
 FEWER_LAYERS = {
-    "meta": lambda d: (write_meta(d, ARGS, ones, "float32"), edit_config(d / "params.json", {"n_layers": 1})),
-    "meta-2-shards": lambda d: (write_meta(d, ARGS, ones, "float32", n_shards=2),
+    "meta": lambda d: (write_meta(d, ARGS, filled, "float32"), edit_config(d / "params.json", {"n_layers": 1})),
+    "meta-2-shards": lambda d: (write_meta(d, ARGS, filled, "float32", n_shards=2),
                                 edit_config(d / "params.json", {"n_layers": 1})),
-    "hf-safetensors": lambda d: (write_hf(d, ARGS, ones, "float32"),
+    "hf-safetensors": lambda d: (write_hf(d, ARGS, filled, "float32"),
                                  edit_config(d / "config.json", {"num_hidden_layers": 1})),
-    "hf-index": lambda d: (write_hf(d, ARGS, ones, "float32", shard_bytes=20_000),
+    "hf-index": lambda d: (write_hf(d, ARGS, filled, "float32", shard_bytes=20_000),
                            edit_config(d / "config.json", {"num_hidden_layers": 1})),
-    "hf-pytorch-bin": lambda d: (write_hf(d, ARGS, ones, "float32", fmt="pytorch"),
+    "hf-pytorch-bin": lambda d: (write_hf(d, ARGS, filled, "float32", fmt="pytorch"),
                                  edit_config(d / "config.json", {"num_hidden_layers": 1})),
-    "hf-pytorch-bin-index": lambda d: (write_hf(d, ARGS, ones, "float32", shard_bytes=20_000, fmt="pytorch"),
+    "hf-pytorch-bin-index": lambda d: (write_hf(d, ARGS, filled, "float32", shard_bytes=20_000, fmt="pytorch"),
                                        edit_config(d / "config.json", {"num_hidden_layers": 1})),
 }
 
@@ -227,7 +227,7 @@ LLAMA2C_HEADERS = {
 def test_bad_llama2c_header(case, tmp_path):
     field, value, phrase = LLAMA2C_HEADERS[case]
     path = tmp_path / "model.bin"
-    write_llama2c(path, ARGS, ones)
+    write_llama2c(path, ARGS, filled)
     raw = bytearray(path.read_bytes())
     raw[4 * field:4 * field + 4] = value.to_bytes(4, "little", signed=True)
     path.write_bytes(bytes(raw))
@@ -249,10 +249,10 @@ def test_tensor_the_model_has_no_place_for(case, tmp_path):
     layout, extra = EXTRA[case]
     with_extra = dict(STATE, **{extra: np.zeros(ARGS.dim, np.float32)})
     if layout == "meta":
-        write_meta(tmp_path, ARGS, ones, "float32")
+        write_meta(tmp_path, ARGS, filled, "float32")
         write_pth(tmp_path / "consolidated.00.pth", None, state=with_extra)
     else:
-        write_hf(tmp_path, ARGS, ones, "float32")
+        write_hf(tmp_path, ARGS, filled, "float32")
         path = tmp_path / "model.safetensors"
         tensors = {k: np.array(f()) for k, f in open_safetensors(path).items()}
         write_safetensors(path, None, state=dict(tensors, **{extra: np.zeros(ARGS.dim, np.float32)}))
@@ -298,7 +298,7 @@ BAD_ENTRIES = {
 @pytest.mark.parametrize("case", BAD_ENTRIES)
 def test_malformed_safetensors_header_entry(case, tmp_path):
     change, phrase = BAD_ENTRIES[case]
-    write_hf(tmp_path, ARGS, ones, "float32")
+    write_hf(tmp_path, ARGS, filled, "float32")
     path = tmp_path / "model.safetensors"
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
@@ -318,7 +318,7 @@ def test_malformed_safetensors_header_entry(case, tmp_path):
 
 
 def test_index_naming_files_by_number(tmp_path):
-    write_hf(tmp_path, ARGS, ones, "float32", shard_bytes=20_000)
+    write_hf(tmp_path, ARGS, filled, "float32", shard_bytes=20_000)
     index = tmp_path / "model.safetensors.index.json"
     weight_map = json.loads(index.read_text())["weight_map"]
     index.write_text(json.dumps({"weight_map": {k: 1 for k in weight_map}}))
@@ -340,7 +340,7 @@ def test_gguf_block_count_fewer_than_its_blocks(tmp_path):
 
 
 def test_tensor_in_two_hf_shards(tmp_path):
-    write_hf(tmp_path, ARGS, ones, "float32", shard_bytes=20_000)
+    write_hf(tmp_path, ARGS, filled, "float32", shard_bytes=20_000)
     first, second = sorted(tmp_path.glob("model-*.safetensors"))[:2]
     tensors = {k: np.array(f()) for k, f in open_safetensors(second).items()}
     write_safetensors(second, None, state=dict(tensors, **{"model.norm.weight": np.ones(ARGS.dim, np.float32)}))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -99,6 +98,9 @@ def make_args(params: Mapping, source: Path | str, max_seq_len: int | None = Non
     return dataclasses.replace(args, max_seq_len=max_seq_len)
 
 
+_LAYER = re.compile(r"layers\.(\d+)\.")  # a per-layer tensor's name, in Meta naming
+
+
 def _layer_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """The tensors of one layer (names after ``layers.N.``) with their shapes."""
     d, kv, hidden = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
@@ -106,7 +108,6 @@ def _layer_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             "attention.wo.weight": (d, d), "feed_forward.w1.weight": (hidden, d),
             "feed_forward.w2.weight": (d, hidden), "feed_forward.w3.weight": (hidden, d),
             "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
-
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -158,9 +159,6 @@ def validate(args: ModelArgs, state: Mapping[str, np.ndarray], source: Path | st
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(actual)}, but the config "
                                   f"(dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, "
                                   f"hidden={args.ffn_hidden_dim}, vocab={args.vocab_size}) implies {shape}")
-
-
-_LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 def _summary(names: list[str], per_layer: int, shown: int = 4) -> str:
