@@ -23,3 +23,7 @@ class TokenizerError(Llama2npError):
 
 class InputError(Llama2npError, ValueError):
     """A bad argument from the caller: prompt too long, bad sampling parameter, wrong type."""
+
+
+class DistributedError(Llama2npError):
+    """A tensor-parallel actor or node died, did not answer in time, or cannot hold its slice."""

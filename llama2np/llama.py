@@ -37,7 +37,8 @@ class Llama2:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float32", tokenizer_path: str | Path | None = None,
                         max_seq_len: int | None = None, progress: bool | None = None,
-                        quantize: str | None = None) -> "Llama2":
+                        quantize: str | None = None, tensor_parallel: int | None = None,
+                        ray_address: str | None = None, ray_timeout: float | None = None) -> "Llama2":
         """Load a checkpoint directory or file; its layout is detected from what is on disk.
 
         dtype: "float32" (default) or "float64" (reference-grade logits).
@@ -47,11 +48,22 @@ class Llama2:
             (default None: on a terminal or in a Jupyter notebook, never in logs or pipes).
         quantize: None, or "int8" for weight-only int8 with per-row scales (quantised tensor by
             tensor while loading: a quarter of float32's memory, half of bf16's).
+        tensor_parallel: run the layers on this many Ray actors, each holding 1/N of every layer
+            (``pip install llama2np[distributed]``; see README "70B on several machines").
+        ray_address: the Ray cluster to join ("auto": the one ``ray start`` made on this machine);
+            default: the one this process already joined, else a new local one.
+        ray_timeout: seconds an actor may take to answer before ``DistributedError`` (default 120).
         """
         _check_from_pretrained_args(path, tokenizer_path, progress)
         compute = resolve_compute_dtype(dtype)
-        ckpt = load_checkpoint(path, max_seq_len=max_seq_len, progress=progress)
-        model = Transformer(ckpt.args, ckpt.state, compute, quantize=quantize)
+        if tensor_parallel is not None:
+            from .distributed import DEFAULT_TIMEOUT, load_distributed
+
+            ckpt, model = load_distributed(path, tensor_parallel, compute, quantize, max_seq_len, progress,
+                                           ray_address, ray_timeout or DEFAULT_TIMEOUT)
+        else:
+            ckpt = load_checkpoint(path, max_seq_len=max_seq_len, progress=progress)
+            model = Transformer(ckpt.args, ckpt.state, compute, quantize=quantize)
         model.progress = progress
         candidates = [Path(tokenizer_path)] if tokenizer_path is not None else ckpt.tokenizer_candidates
         tokenizer = None

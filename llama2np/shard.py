@@ -1,0 +1,120 @@
+"""Tensor-parallel slices of a Llama 2 layer (Megatron-style, as Meta's checkpoints are cut).
+
+Of N processes, process k computes query heads [k·H/N, (k+1)·H/N), the key/value
+heads those use, and a 1/N slice of the SwiGLU hidden units:
+
+- column-parallel matrices (one output row per head dimension or hidden unit):
+  its rows of wq, wk, wv, w1 and w3;
+- row-parallel matrices: its columns of wo and w2, so its attention and FFN
+  outputs are (tokens, dim) partial sums that add up, over the N processes, to
+  the full layer's output.
+
+When N exceeds n_kv_heads, each key/value head is replicated on the N / n_kv_heads
+processes whose query heads use it. Nothing here needs Ray: ``distributed``
+places the slices on actors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from .errors import ConfigError
+from .linear import release_pages
+from .loaders.common import LazyStateDict
+from .model import ModelArgs
+from .tensors import is_bf16
+
+#: layer tensors split by output rows (dim 0) / by input columns (dim 1), and by which range
+_ROWS = {"attention.wq.weight": "heads", "attention.wk.weight": "kv_heads", "attention.wv.weight": "kv_heads",
+         "feed_forward.w1.weight": "hidden", "feed_forward.w3.weight": "hidden"}
+_COLUMNS = {"attention.wo.weight": "heads", "feed_forward.w2.weight": "hidden"}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Process ``rank`` of ``world`` tensor-parallel processes."""
+
+    rank: int
+    world: int
+
+    def check(self, args: ModelArgs) -> None:
+        """ConfigError unless ``world`` splits this model's heads, key/value heads and FFN evenly."""
+        n, problems = self.world, []
+        if args.n_heads % n:
+            problems.append(f"n_heads={args.n_heads} is not divisible by it")
+        if args.n_kv_heads % n and n % args.n_kv_heads:
+            problems.append(f"it neither divides n_kv_heads={args.n_kv_heads} nor is a multiple of it")
+        if args.ffn_hidden_dim % n:
+            problems.append(f"the FFN hidden size {args.ffn_hidden_dim} is not divisible by it")
+        if problems:
+            raise ConfigError(f"tensor_parallel={n} does not fit this model: " + "; ".join(problems))
+
+    def heads(self, args: ModelArgs) -> range:
+        """Query heads this process computes."""
+        per = args.n_heads // self.world
+        return range(self.rank * per, (self.rank + 1) * per)
+
+    def kv_heads(self, args: ModelArgs) -> range:
+        """Key/value heads its query heads use (one, replicated, when world > n_kv_heads)."""
+        if self.world <= args.n_kv_heads:
+            per = args.n_kv_heads // self.world
+            return range(self.rank * per, (self.rank + 1) * per)
+        first = self.heads(args)[0] // args.n_rep
+        return range(first, first + 1)
+
+    def hidden(self, args: ModelArgs) -> range:
+        """SwiGLU hidden units it computes."""
+        per = args.ffn_hidden_dim // self.world
+        return range(self.rank * per, (self.rank + 1) * per)
+
+    def span(self, args: ModelArgs, what: str) -> tuple[int, int]:
+        """(first, end) row or column of a weight for ``what`` in "heads", "kv_heads", "hidden"."""
+        r = getattr(self, what)(args)
+        unit = 1 if what == "hidden" else args.head_dim
+        return r.start * unit, r.stop * unit
+
+    def layer_shapes(self, args: ModelArgs) -> dict[str, tuple[int, int]]:
+        """Shape of this process's slice of each layer matrix (name after "layers.N.")."""
+        shapes = {}
+        for name, what in _ROWS.items():
+            a, b = self.span(args, what)
+            shapes[name] = (b - a, args.dim)
+        for name, what in _COLUMNS.items():
+            a, b = self.span(args, what)
+            shapes[name] = (args.dim, b - a)
+        return shapes
+
+
+def _layer_key(name: str) -> str | None:
+    """"attention.wq.weight" for "layers.3.attention.wq.weight"; None for non-layer or unsliced tensors."""
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers" and parts[2] in {**_ROWS, **_COLUMNS}:
+        return parts[2]
+    return None
+
+
+def shard_state(state: Mapping[str, np.ndarray], args: ModelArgs, shard: Shard) -> LazyStateDict:
+    """The layer matrices of ``state`` cut to ``shard``'s rows and columns, each made on first read.
+
+    Each slice is copied out (a contiguous array of the slice alone) and the whole
+    tensor is then let go: its memory-mapped pages are released and a lazy state dict
+    forgets it, so the process holds its slices, never the whole model.
+    """
+    shard.check(args)
+
+    def take(name: str, key: str) -> np.ndarray:
+        full = state[name]
+        columns = key in _COLUMNS
+        a, b = shard.span(args, _COLUMNS[key] if columns else _ROWS[key])
+        bits = full.view(np.uint16) if is_bf16(full) else full  # copying a structured dtype is slow
+        part = np.ascontiguousarray(bits[:, a:b] if columns else bits[a:b]).view(full.dtype)
+        release_pages(full)
+        if hasattr(state, "release"):
+            state.release(name)
+        return part
+
+    makers = {n: (lambda n=n, k=k: take(n, k)) for n in state if (k := _layer_key(n)) is not None}
+    return LazyStateDict(makers, source=getattr(state, "source", "state dict"))
