@@ -1,4 +1,4 @@
-"""The command line: ``python -m llama2np generate | chat | perplexity | logits | compare``.
+"""The command line: ``python -m llama2np generate | chat | perplexity | logits | compare | plan``.
 
 Text goes to stdout; what the program says about itself (which model, speed,
 warnings, errors) goes to stderr. Errors are one line and exit with status 2.
@@ -98,7 +98,8 @@ def load_model(args, text: bool = True, ids_flag: str | None = None):
         path, why = find_default_model()
         _say(why)
     model = Llama2.from_pretrained(path, dtype=args.dtype, tokenizer_path=args.tokenizer,
-                                   max_seq_len=args.max_seq_len, quantize=args.quantize)
+                                   max_seq_len=args.max_seq_len, quantize=args.quantize,
+                                   tensor_parallel=args.tensor_parallel, ray_address=args.ray_address)
     model.tokenizer_hint = "pass --tokenizer PATH" + (f", or give {ids_flag}" if ids_flag else "")
     if text:
         model.tokenizer  # noqa: B018  (raises TokenizerError naming where it looked)
@@ -299,6 +300,26 @@ def cmd_logits(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .plan import GiB, human, machines_table, memory_plan, read_model_config
+
+    model_args, storage = read_model_config(args.model, args.max_seq_len)
+    storage = args.storage or storage
+    p = memory_plan(model_args, args.tensor_parallel, storage, args.dtype, args.quantize)
+    weights = f"{storage} weights" if not args.quantize else f"{storage} weights quantised to int8"
+    print(f"{args.model}: dim {model_args.dim}, {model_args.n_layers} layers, {model_args.n_heads} heads "
+          f"({model_args.n_kv_heads} key/value), context {model_args.max_seq_len}; {weights}, {args.dtype} compute")
+    print(f"each of {args.tensor_parallel} actors: {human(p.actor_total)} "
+          f"({human(p.actor_weights)} weights + {human(p.actor_kv_cache)} KV cache)")
+    print(f"driver: {human(p.driver_weights)} (embedding, norms, output projection)")
+    print(f"machines of {args.machine_ram:g} GiB for Llama 2 (bf16, context 4096; one actor per machine, "
+          "the driver beside actor 0):")
+    for name, label, machines, actor in machines_table(int(args.machine_ram * GiB)):
+        need = f"{machines} ({human(actor)} per actor)" if machines else "does not fit"
+        print(f"  {name:>4} {label:<9} {need}")
+    return 0
+
+
 # --- the parser ------------------------------------------------------------------------
 
 
@@ -314,6 +335,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-len", type=_positive_int, metavar="N", help="context length to use (default: the model's)")
     g.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-row scales), quantised "
                    "while loading: half of bf16's memory, a quarter of float32's")
+    g = p.add_argument_group("tensor parallelism (pip install llama2np[distributed])")
+    g.add_argument("--tensor-parallel", type=int, metavar="N",
+                   help="run every layer split over N Ray actors (one per machine when the cluster has N)")
+    g.add_argument("--ray-address", metavar="ADDR", help='Ray cluster to join, e.g. "auto" for the one '
+                   "`ray start` made on this machine (default: start a local one)")
 
 
 def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -402,6 +428,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-only", action="store_true", help="print the summary table only")
     _model_options(p)
     p.set_defaults(run=cmd_compare, dtype="float64")
+
+    p = sub.add_parser("plan", help="memory per actor for --tensor-parallel N, from the config alone",
+                       description="Bytes each tensor-parallel actor and the driver hold (weights, and the KV "
+                                   "cache at the context length), read from params.json / config.json only; "
+                                   "and how many machines Llama 2 7B/13B/70B need.")
+    p.add_argument("--model", required=True, metavar="DIR", help="directory with params.json or config.json")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="actors (default: 1)")
+    p.add_argument("--quantize", choices=["int8"], help="plan for weight-only int8")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute precision")
+    p.add_argument("--storage", choices=["bfloat16", "float16", "float32", "float64"],
+                   help="how the weights are stored (default: config.json's torch_dtype; bfloat16 for Meta)")
+    p.add_argument("--max-seq-len", type=int, metavar="N", help="context length (default: the model's)")
+    p.add_argument("--machine-ram", type=float, default=24.0, metavar="GIB",
+                   help="RAM of one machine, GiB, for the machines table (default: 24)")
+    p.set_defaults(run=cmd_plan)
     return parser
 
 
@@ -413,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: generate, chat, perplexity, logits or compare")
+        parser.error("choose a command: generate, chat, perplexity, logits, compare or plan")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _warn_one_line

@@ -101,6 +101,16 @@ class _Worker:
         self.caches: dict[int, KVCache] = {}
         return {"rss": _rss()}
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weight matrices (and int8 scales) this actor holds."""
+        mats = [m for a, f in self.blocks for m in (a.wqkv, a.wo, f.w13, f.w2)]
+        return sum(w.nbytes for m in mats for w in m.parts) + sum(m.scale.nbytes for m in mats
+                                                                    if hasattr(m, "scale"))
+
+    def unload(self) -> None:
+        """Drop the weights and caches (the actor waits for its next ``load``)."""
+        self.blocks, self.caches = [], {}
+
     def _run(self, fn, x):
         t0 = time.perf_counter()
         rows = x.shape[0] * x.shape[1]
@@ -161,7 +171,9 @@ class ActorGroup:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         spread = world > 1 and len(nodes) >= world  # one actor per machine; else packed
         cpus = ray.cluster_resources().get("CPU", 1.0)
-        per_actor = 1.0 if spread else min(1.0, max(0.01, int(cpus / world * 100) / 100))
+        # A token CPU claim: the actors size their own thread pools to the cores of their node (see load),
+        # and a model that asked for whole CPUs could not be placed beside another on a small cluster.
+        per_actor = 0.01
         self.pg = placement_group([{"CPU": per_actor}] * world, strategy="STRICT_SPREAD" if spread else "PACK")
         self.actors = []
         try:
@@ -229,6 +241,32 @@ class ActorGroup:
             self.round_trips.append((what, time.perf_counter() - t0, max(s for _, s in answers)))
         return total
 
+    @classmethod
+    def acquire(cls, world: int, timeout: float) -> "ActorGroup":
+        """An idle group of ``world`` actors left by a closed model of this process, else a new one."""
+        ray = import_ray()
+        job = ray.get_runtime_context().get_job_id()
+        while _IDLE.get((world, job)):
+            group = _IDLE[(world, job)].pop()
+            group.timeout = timeout
+            try:
+                group.where = group.call("where", what="reuse", timeout=min(timeout, 10.0))
+                return group
+            except DistributedError:  # died while idle: it is shut down; try the next
+                continue
+        return cls(world, timeout)
+
+    def release(self) -> None:
+        """End this group's use; healthy actors drop their weights and wait, idle, for ``acquire``."""
+        if self.failure is None and self.actors:
+            idle = object.__new__(ActorGroup)
+            idle.__dict__.update(self.__dict__, round_trips=None)
+            for a in idle.actors:
+                a.unload.remote()
+            _IDLE.setdefault((self.world, self.ray.get_runtime_context().get_job_id()), []).append(idle)
+        self.actors, self.pg = [], None
+        self.failure = self.failure or "the model was closed"
+
     def close(self) -> None:
         """Kill the actors and free the placement group (idempotent)."""
         for a in self.actors:
@@ -246,6 +284,7 @@ class ActorGroup:
 
 
 _ACTOR_CLASS = None
+_IDLE: dict[tuple[int, str], list[ActorGroup]] = {}  # (world, Ray job) -> groups of closed models
 
 
 def _actor_class(ray):
@@ -329,7 +368,7 @@ class DistributedTransformer(Transformer):
         self.tiled = self.output.tiled
         self.rotation = rope_tables(args, self.dtype)
 
-        self.group = ActorGroup(world, timeout)
+        self.group = ActorGroup.acquire(world, timeout)
         on_node = {}
         for w in self.group.where:
             on_node[w["node"]] = on_node.get(w["node"], 0) + 1
@@ -356,9 +395,10 @@ class DistributedTransformer(Transformer):
         return DistributedCache(self.group, self.args.n_layers, batch_size, max_seq_len or self.args.max_seq_len)
 
     def close(self) -> None:
-        """End the actors (the model cannot be used afterwards)."""
-        self.group.close()
-        self.group.failure = self.group.failure or "the model was closed"
+        """Free the actors: they drop this model's weights and wait for the next distributed model of
+        the same size in this process (``ray.shutdown()`` or the end of the process ends them).
+        This model cannot be used afterwards."""
+        self.group.release()
 
     def __del__(self):
         group = getattr(self, "group", None)

@@ -25,6 +25,14 @@ RESERVED_BYTES = 2 * GiB
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
+def human(n: int) -> str:
+    """Bytes as B / KiB / MiB / GiB with two decimals."""
+    for unit, size in (("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
 def matrix_bytes(rows: int, cols: int, storage: str, dtype: np.dtype, quantize: str | None) -> int:
     """Bytes llama2np holds for one (rows, cols) weight matrix."""
     if quantize == "int8":
@@ -67,9 +75,10 @@ def memory_plan(args: ModelArgs, world: int, storage: str = "bfloat16", dtype: s
         raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
     if world < 1:
         raise InputError(f"tensor_parallel must be >= 1, got {world}")
+    Shard(0, world).check(args)
+    per_layer = max(sum(matrix_bytes(r, c, storage, compute, quantize) for r, c in
+                        Shard(k, world).layer_shapes(args).values()) for k in range(world))  # the biggest slice
     shard = Shard(0, world)
-    shard.check(args)
-    per_layer = sum(matrix_bytes(r, c, storage, compute, quantize) for r, c in shard.layer_shapes(args).values())
     kv_heads = len(shard.kv_heads(args))
     seq = max_seq_len or args.max_seq_len
     kv = 2 * args.n_layers * batch_size * kv_heads * seq * args.head_dim * compute.itemsize
@@ -82,7 +91,11 @@ def memory_plan(args: ModelArgs, world: int, storage: str = "bfloat16", dtype: s
 
 
 def read_model_config(path: str | Path, max_seq_len: int | None = None) -> tuple[ModelArgs, str]:
-    """(ModelArgs, storage dtype) from a directory's params.json (Meta: bf16) or config.json (HF)."""
+    """(ModelArgs, storage dtype) from a directory's params.json or config.json, no weights read.
+
+    Meta's params.json states neither: Llama 2 releases are bf16 with 32000 tokens. HF's
+    config.json states both (torch_dtype, vocab_size).
+    """
     from .loaders.common import make_args
     from .loaders.hf import read_config
 

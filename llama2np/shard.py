@@ -47,8 +47,8 @@ class Shard:
             problems.append(f"n_heads={args.n_heads} is not divisible by it")
         if args.n_kv_heads % n and n % args.n_kv_heads:
             problems.append(f"it neither divides n_kv_heads={args.n_kv_heads} nor is a multiple of it")
-        if args.ffn_hidden_dim % n:
-            problems.append(f"the FFN hidden size {args.ffn_hidden_dim} is not divisible by it")
+        if args.ffn_hidden_dim < n:
+            problems.append(f"the FFN hidden size {args.ffn_hidden_dim} is smaller")
         if problems:
             raise ConfigError(f"tensor_parallel={n} does not fit this model: " + "; ".join(problems))
 
@@ -66,9 +66,9 @@ class Shard:
         return range(first, first + 1)
 
     def hidden(self, args: ModelArgs) -> range:
-        """SwiGLU hidden units it computes."""
-        per = args.ffn_hidden_dim // self.world
-        return range(self.rank * per, (self.rank + 1) * per)
+        """SwiGLU hidden units it computes (an even split where it divides, as Meta's; else sizes differ by 1)."""
+        h, n, k = args.ffn_hidden_dim, self.world, self.rank
+        return range(k * h // n, (k + 1) * h // n)
 
     def span(self, args: ModelArgs, what: str) -> tuple[int, int]:
         """(first, end) row or column of a weight for ``what`` in "heads", "kv_heads", "hidden"."""

@@ -1,0 +1,178 @@
+"""Tensor parallelism: slices that add up to the layer, and Ray actors that match one process.
+
+One local Ray cluster serves the whole test session (actors cost seconds to
+start); each model's actors are reused by every test of it in this module.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama2np import Llama2
+from llama2np.errors import ConfigError, DistributedError, Llama2npError
+from llama2np.loaders import load_checkpoint
+from llama2np.model import build_layer, linear_maker
+from llama2np.shard import Shard, shard_state
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+META = GOLDEN / "layouts" / "meta_2shard_fp32"  # Meta MP=2: N=2 reads one consolidated.0k.pth per actor
+HF = GOLDEN / "layouts" / "hf_sharded_fp32"  # HF, two safetensors files: actors slice rows/columns
+MQA_BF16 = GOLDEN / "mqa_bf16"  # one key/value head for every actor; bf16 weights stay bf16
+IDS = [1, 17, 93, 4, 56, 21, 8, 77, 30]
+PROMPTS = [[1, 17, 93], [1, 5, 44, 12, 9, 60]]  # a batch of two lengths: rows finish and leave the cache
+TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
+
+
+# --- the slices, without Ray ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 6])
+def test_slices_add_up_to_the_layer(world):
+    """gqa2: 6 heads, 2 key/value heads. N=2: 3 heads and 1 KV head each; N=6: KV heads replicated."""
+    ckpt = load_checkpoint(GOLDEN / "gqa2")
+    args, dtype = ckpt.args, np.dtype(np.float64)
+    full_att, full_ffn = build_layer(args, ckpt.state, 1, linear_maker(ckpt.state, dtype))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, args.dim))
+    from llama2np.model import causal_mask, rope_tables
+    rotation, mask = rope_tables(args, dtype)[:5], causal_mask(5, 0, dtype)
+    att, ffn = np.zeros_like(x), np.zeros_like(x)
+    for k in range(world):
+        part = shard_state(load_checkpoint(GOLDEN / "gqa2").state, args, Shard(k, world))
+        a, f = build_layer(args, part, 1, linear_maker(part, dtype))
+        assert a.n_heads == 6 // world and a.n_kv_heads == max(1, 2 // world)
+        att += a(x, 0, rotation, mask)
+        ffn += f(x)
+    np.testing.assert_allclose(att, full_att(x, 0, rotation, mask), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ffn, full_ffn(x), rtol=0, atol=1e-12)
+
+
+def test_uneven_split_is_refused():
+    args = load_checkpoint(GOLDEN / "gqa2").args  # 6 heads, 2 KV heads
+    with pytest.raises(ConfigError, match="tensor_parallel=4 .*n_heads=6 is not divisible"):
+        Shard(0, 4).check(args)
+
+
+def test_missing_ray_names_the_extra(monkeypatch):
+    from llama2np.distributed import import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(Llama2npError, match=r"pip install 'llama2np\[distributed\]'"):
+        import_ray()
+
+
+# --- on Ray ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+CASES = [(META, 2, "float32"), (META, 2, "float64"), (META, 4, "float32"), (META, 4, "float64"),
+         (HF, 2, "float32"), (HF, 2, "float64"), (HF, 4, "float32"), (HF, 4, "float64"), (MQA_BF16, 4, "float32")]
+
+
+@pytest.mark.parametrize("path, world, dtype", CASES, ids=[f"{p.name}-N{n}-{d}" for p, n, d in CASES])
+def test_logits_and_greedy_generation_match_one_process(ray_cluster, path, world, dtype):
+    tp, single = Llama2.from_pretrained(path, dtype=dtype, tensor_parallel=world), Llama2.from_pretrained(path, dtype=dtype)
+    try:
+        got, want = tp.logits(IDS), single.logits(IDS)
+        assert got.dtype == want.dtype == np.dtype(dtype)
+        err = float(np.abs(got - want).max())
+        print(f"{path.name} N={world} {dtype}: max |logit error| {err:.2e}")
+        assert err <= TOLERANCE[dtype]
+        if dtype == "float32":  # greedy decoding through the actors' KV caches; a batch whose rows end early
+            got = tp.generate(PROMPTS, max_new_tokens=6, temperature=0.0, logprobs=True)
+            want = single.generate(PROMPTS, max_new_tokens=6, temperature=0.0, logprobs=True)
+            assert [c.ids for c in got] == [c.ids for c in want]
+            np.testing.assert_allclose([c.logprobs for c in got], [c.logprobs for c in want], atol=1e-5)
+    finally:
+        tp.model.close()
+
+
+@pytest.mark.parametrize("path, world, quantize", [(META, 2, None), (HF, 4, "int8")])
+def test_actors_hold_their_slices_only(ray_cluster, path, world, quantize):
+    """Each actor's weights are exactly what the plan counts for 1/N of the layers; the driver holds
+    only the output projection."""
+    from llama2np.plan import memory_plan
+
+    tp = Llama2.from_pretrained(path, tensor_parallel=world, quantize=quantize)
+    try:
+        assert tp.model.linears() == [tp.model.output]
+        plan = memory_plan(tp.args, world, storage="float32", quantize=quantize)
+        assert tp.model.group.call("weight_bytes") == [plan.actor_weights] * world
+    finally:
+        tp.model.close()
+
+
+def test_killed_actor_raises_distributed_error_in_bounded_time(ray_cluster):
+    timeout = 20.0
+    model = Llama2.from_pretrained(META, tensor_parallel=2, ray_timeout=timeout)
+    stream = model.generate([1, 17, 93], max_new_tokens=40, temperature=0.0, stream=True)
+    next(stream)
+    victim = model.model.group.where[1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    t0 = time.perf_counter()
+    with pytest.raises(DistributedError, match=rf"actor 1 of 2 \(pid {victim['pid']} on node "):
+        list(stream)
+    assert time.perf_counter() - t0 < timeout
+    with pytest.raises(DistributedError, match="load the model again"):
+        model.logits(IDS)
+    again = Llama2.from_pretrained(META, tensor_parallel=2)  # the driver can build a new one
+    np.testing.assert_allclose(again.logits(IDS), Llama2.from_pretrained(META).logits(IDS), atol=1e-5)
+    again.model.close()
+
+
+def test_actor_that_stops_answering_raises_after_the_timeout(ray_cluster):
+    model = Llama2.from_pretrained(META, tensor_parallel=2, ray_timeout=2.0)
+    model.logits(IDS)
+    pid = model.model.group.where[0]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(DistributedError, match=r"actor 0 of 2 .* did not answer layer 0 attention within 2 s"):
+            model.logits(IDS)
+        assert time.perf_counter() - t0 < 10
+    finally:
+        os.kill(pid, signal.SIGCONT)  # the actor was killed with its group; this only wakes a leftover
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+def test_cli_logits_with_tensor_parallel(ray_cluster, tmp_path, capsys):
+    from llama2np.cli import main
+
+    ids = " ".join(map(str, IDS))
+    assert main(["logits", "--model", str(HF), "--ids", ids, "--out", str(tmp_path / "tp.npy"),
+                 "--tensor-parallel", "2"]) == 0
+    assert main(["logits", "--model", str(HF), "--ids", ids, "--out", str(tmp_path / "one.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "tp.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)
+
+
+def test_cli_plan_70b_from_params_json_alone(tmp_path, capsys):
+    from llama2np.cli import main
+
+    (tmp_path / "params.json").write_text('{"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, '
+                                          '"n_heads": 64, "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-05, '
+                                          '"vocab_size": -1}')
+    assert main(["plan", "--model", str(tmp_path), "--tensor-parallel", "8"]) == 0
+    out = capsys.readouterr().out
+    # per layer: wq, wo 8192^2; wk, wv 1024 x 8192; w1, w2, w3 28672 x 8192 -> 855.6M weights, bf16, / 8 actors
+    per_actor = 80 * (2 * 8192 ** 2 + 2 * 1024 * 8192 + 3 * 28672 * 8192) * 2 // 8
+    assert f"{per_actor / 1024 ** 3:.2f} GiB weights + 320.00 MiB KV cache" in out  # 80 x 4096 x 128 x 4 B x 2
+    assert "70B bfloat16  8 " in out and "70B int8      4 " in out
+    assert main(["plan", "--model", str(tmp_path), "--tensor-parallel", "3"]) == 2  # 64 heads do not split in 3
+    assert "tensor_parallel=3 does not fit this model" in capsys.readouterr().err
