@@ -130,7 +130,8 @@ def _sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, seed=args.seed, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                 frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-                logit_bias=_logit_bias(args.logit_bias))
+                logit_bias=_logit_bias(args.logit_bias), prompt_lookup=args.prompt_lookup,
+                draft_model=args.draft_model, num_draft=args.num_draft)
 
 
 def _checked_sampling_kwargs(args) -> dict:
@@ -362,6 +363,12 @@ def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="OpenAI's: subtract F from the logit of every token generated so far (default: 0)")
     g.add_argument("--logit-bias", action="append", metavar="ID=BIAS",
                    help="add BIAS to token ID's logit; -inf bans it (repeatable)")
+    g = p.add_argument_group("speculative decoding (same output distribution, fewer forward passes)")
+    g.add_argument("--prompt-lookup", type=int, metavar="N",
+                   help="draft by copying what followed the latest earlier occurrence of the last n <= N tokens")
+    g.add_argument("--draft-model", metavar="PATH", help="draft with this smaller checkpoint (same vocabulary)")
+    g.add_argument("--num-draft", type=int, metavar="K",
+                   help="tokens drafted per forward pass (default: 8 with --prompt-lookup, 4 with --draft-model)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,9 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from .errors import InputError
+from .drafting import PromptLookup, decode_row, make_drafter
 from .model import Transformer
+from .prefix_cache import PrefixCache
 from .progress import layer_callback
 from .sampling import SamplingParams, check_processors, check_sampling, log_softmax, make_rngs, sample
 from .tokenizer import StreamDecoder, Tokenizer, check_text
@@ -46,11 +48,20 @@ class Completion:
 class Stats:
     """Token counts and wall time of a generate call: prefill (prompt) and decode (new tokens)."""
 
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens the prefill computed
     prompt_seconds: float = 0.0  # the prefill call (which also yields the first new token)
     new_tokens: int = 0
-    decode_steps: int = 0  # new tokens made by the one-position calls after the prefill
+    decode_steps: int = 0  # new tokens made by the calls after the prefill
     new_seconds: float = 0.0  # time of those calls
+    cached_tokens: int = 0  # prompt tokens whose keys/values were reused from the previous call
+    forward_passes: int = 0  # calls of the model (prefill included; a batch step counts once)
+    drafted: int = 0  # tokens proposed by the drafter (prompt lookup or draft model)
+    accepted: int = 0  # of those, tokens the model accepted
+    drafter: str | None = None  # "prompt lookup" / "draft model" when decoding speculatively
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.new_tokens / self.forward_passes if self.forward_passes else float("nan")
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -65,8 +76,14 @@ class Stats:
         if not self.prompt_seconds:
             return "no forward pass ran: no new tokens were asked for, or the prompt fills the context"
         decode = f", {self.new_tokens_per_s:.1f} tokens/s" if self.new_seconds else ""
-        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tokens_per_s:.1f} tokens/s | "
+        cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
+        line = (f"prompt: {self.prompt_tokens} tokens{cached}, {self.prompt_tokens_per_s:.1f} tokens/s | "
                 f"generation: {self.new_tokens} tokens{decode}")
+        if self.drafter:
+            rate = f" ({self.accepted / self.drafted:.0%})" if self.drafted else ""
+            line += (f" | {self.drafter}: {self.forward_passes} forward passes, {self.tokens_per_pass:.2f} "
+                     f"tokens/pass, {self.drafted} drafted, {self.accepted} accepted{rate}")
+        return line
 
 
 class _Row:
@@ -170,6 +187,7 @@ def run(model: Transformer, rows: list[_Row], params: SamplingParams, rngs: list
             for j, i in enumerate(rows_gen):
                 events.append((int(i), rows[i].push(int(next_ids[j]), None if lps is None else float(lps[j]))))
         elapsed = time.perf_counter() - t0
+        stats.forward_passes += 1
         stats.new_tokens += int(gen.sum())
         if prev == 0:
             stats.prompt_seconds += elapsed
@@ -235,11 +253,11 @@ class GenerationStream:
     After it is exhausted, ``completion`` holds the whole result and ``stats`` the timings.
     """
 
-    def __init__(self, model: Transformer, row: _Row, params: SamplingParams, rng: np.random.Generator,
-                 as_text: bool, prompt_text: str | None, echo: bool):
+    def __init__(self, steps: Iterator, row: _Row, stats: Stats, as_text: bool, prompt_text: str | None,
+                 echo: bool):
         self.completion: Completion | None = None
-        self.stats = Stats()
-        self._iter = self._pieces(model, row, params, rng, as_text, prompt_text, echo)
+        self.stats = stats
+        self._iter = self._pieces(steps, row, as_text, prompt_text, echo)
 
     def __iter__(self):
         return self
@@ -247,17 +265,34 @@ class GenerationStream:
     def __next__(self):
         return next(self._iter)
 
-    def _pieces(self, model, row, params, rng, as_text, prompt_text, echo):
+    def _pieces(self, steps, row, as_text, prompt_text, echo):
         if echo:
             yield from ([prompt_text or ""] if as_text else row.prompt)
         sent = 0
-        for events in run(model, [row], params, [rng], self.stats):
+        for events in steps:
             if as_text and events and events[0][1]:
                 yield events[0][1]
             elif not as_text:
                 yield from row.new_ids[sent:]
                 sent = len(row.new_ids)
         self.completion = _finish(row, echo, prompt_text)
+
+
+def _steps(model: Transformer, rows: list[_Row], params: SamplingParams, rngs: list[np.random.Generator],
+           stats: Stats, prefix: PrefixCache | None, drafter, num_draft: int) -> Iterator[list[tuple[int, str]]]:
+    """The whole generation's events: a plain batch in lockstep (``run``), else row after row.
+
+    One row decodes through ``prefix`` (the model's kept KV cache) when given, so
+    its prompt's shared prefix is not recomputed.
+    """
+    if len(rows) > 1 and drafter is None:
+        yield from run(model, rows, params, rngs, stats)
+        return
+    for i, (row, rng) in enumerate(zip(rows, rngs)):
+        cache = prefix if prefix is not None and len(rows) == 1 else PrefixCache(
+            model, min(model.args.max_seq_len, len(row.prompt) + row.max_new_tokens))
+        for events in decode_row(row, params, rng, stats, cache, drafter, num_draft):
+            yield [(i, text) for _, text in events]
 
 
 def _finish(row: _Row, echo: bool, prompt_text: str | None) -> Completion:
@@ -273,11 +308,16 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompt, max_new_to
              stop: str | Sequence[str] | None = None, echo: bool = False, logprobs: bool = False,
              stream: bool = False, text_context: bool = True, text_out: bool = False, *, min_p: float = 0.0,
              repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-             logit_bias: Mapping[int, float] | None = None):
+             logit_bias: Mapping[int, float] | None = None, prompt_lookup: int | None = None,
+             draft_model: Transformer | None = None, num_draft: int | None = None,
+             prefix: PrefixCache | None = None, draft_prefix: PrefixCache | None = None,
+             stats: Stats | None = None):
     """See ``Llama2.generate``.
 
     text_context=False decodes the new tokens on their own rather than as the prompt's
     continuation; text_out=True returns text for id prompts too (both for chat).
+    prefix: a single prompt decodes through this kept KV cache (KV reuse); draft_prefix
+    the same for the draft model. stats: filled in with the call's counts and timings.
     """
     check_sampling(temperature, top_p, top_k, max_new_tokens)
     check_processors(min_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
@@ -285,6 +325,7 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompt, max_new_to
     params = SamplingParams(float(temperature), float(top_p), top_k, float(min_p), float(repetition_penalty),
                             float(frequency_penalty), float(presence_penalty),
                             {int(k): float(v) for k, v in logit_bias.items()} if logit_bias else None)
+    drafter, num_draft = make_drafter(prompt_lookup, draft_model, num_draft, model, draft_prefix)
     prompts, batched = _as_prompts(prompt)
     if stream and batched:
         raise InputError("stream=True takes one prompt, not a batch")
@@ -307,12 +348,13 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompt, max_new_to
         decoder = tokenizer.stream(ids if text_context else ()) if text or stop else None
         rows.append(_Row(ids, max_new_tokens, args.max_seq_len, eos, decoder, stop, logprobs))
 
+    stats = stats if stats is not None else Stats()
+    stats.drafter = "prompt lookup" if isinstance(drafter, PromptLookup) else "draft model" if drafter else None
+    steps = _steps(model, rows, params, rngs, stats, prefix, drafter, num_draft)
     if stream:
         prompt_text = prompts[0] if isinstance(prompts[0], str) else None
-        return GenerationStream(model, rows[0], params, rngs[0], as_text[0], prompt_text, echo)
-
-    stats = Stats()
-    for _ in run(model, rows, params, rngs, stats):
+        return GenerationStream(steps, rows[0], stats, as_text[0], prompt_text, echo)
+    for _ in steps:
         pass
     results = []
     for p, row, is_text in zip(prompts, rows, as_text):

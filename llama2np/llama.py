@@ -11,6 +11,7 @@ import numpy as np
 from .errors import InputError, TokenizerError
 from .loaders import load_checkpoint
 from .model import ModelArgs, Transformer
+from .prefix_cache import PrefixCache
 from .tensors import resolve_compute_dtype
 from .progress import layer_callback
 from .tokenizer import Tokenizer
@@ -33,6 +34,9 @@ class Llama2:
         self._tokenizer = tokenizer
         self._tokenizer_candidates = list(tokenizer_candidates)
         self.source = source
+        self._prefix: PrefixCache | None = None  # KV cache of the last single-row sequence (KV reuse)
+        self._drafts: dict[str, Llama2] = {}  # draft models loaded from a path, by path
+        self.last_stats: Stats | None = None  # counts and timings of the last generate / chat call
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float32", tokenizer_path: str | Path | None = None,
@@ -89,21 +93,47 @@ class Llama2:
             raise TokenizerError(f"no tokenizer for this model (looked for {where}); {self.tokenizer_hint}")
         return self._tokenizer
 
-    def logits(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    def logits(self, tokens: Sequence[int] | np.ndarray, reuse_cache: bool = True) -> np.ndarray:
         """Next-token logits at every position: ids (seq,) -> (seq, vocab), or (batch, seq) -> (batch, seq, vocab).
 
-        A fresh causal forward pass from position 0; no state is kept between calls.
+        A causal forward pass from position 0. For one sequence, the positions it shares
+        with the previous call's sequence are not recomputed (see ``clear_cache``);
+        reuse_cache=False computes everything afresh and keeps nothing.
         """
         ids = self.check_ids(tokens)
+        if ids.ndim == 1 and reuse_cache:
+            return self._kept_cache().all_logits(ids.tolist())[1]
         on_layer = layer_callback(self.args.n_layers, ids.size, self.model.progress)
         out = self.model.forward(ids if ids.ndim == 2 else ids[None], on_layer=on_layer)
         return out if ids.ndim == 2 else out[0]
+
+    def _kept_cache(self) -> PrefixCache:
+        if self._prefix is None:
+            self._prefix = PrefixCache(self.model)
+        return self._prefix
+
+    def clear_cache(self) -> None:
+        """Free the KV cache kept from the last call (and the draft models loaded by path)."""
+        self._prefix = None
+        self._drafts.clear()
+
+    def _draft(self, draft_model) -> "Llama2 | None":
+        if draft_model is None or isinstance(draft_model, Llama2):
+            return draft_model
+        if not isinstance(draft_model, (str, Path)):
+            raise InputError(f"draft_model must be a Llama2 or a checkpoint path, got {type(draft_model).__name__}")
+        key = str(Path(draft_model).resolve())
+        if key not in self._drafts:
+            self._drafts[key] = Llama2.from_pretrained(draft_model, dtype=str(self.model.dtype))
+        return self._drafts[key]
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9,
                  top_k: int | None = None, seed=None, stop: str | Sequence[str] | None = None, echo: bool = False,
                  logprobs: bool = False, stream: bool = False, *, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                 logit_bias: Mapping[int, float] | None = None):
+                 logit_bias: Mapping[int, float] | None = None, prompt_lookup: int | None = None,
+                 draft_model: "Llama2 | str | Path | None" = None, num_draft: int | None = None,
+                 reuse_cache: bool = True):
         """Continue a prompt.
 
         prompt: a str -> the new text (what follows the prompt); a list of token ids
@@ -121,11 +151,31 @@ class Llama2:
         ({token id: added logit}, -inf bans), repetition_penalty (HF/CTRL: > 1 discourages every
         token of prompt + output), frequency_penalty and presence_penalty (OpenAI's, over the new
         tokens). min_p (after top_p) drops tokens less likely than min_p times the likeliest.
+        Speculative decoding (same output distribution; greedy output token-identical):
+        prompt_lookup=N drafts by copying what followed the latest earlier occurrence of the
+        last n <= N tokens; draft_model (a Llama2 sharing the vocabulary, or its path) drafts
+        with a smaller model; num_draft tokens per step (default 8 / 4); the model checks
+        a whole draft in one forward pass. A batch then decodes row after row.
+        reuse_cache: a single prompt reuses the kept KV cache of the previous call for the
+        tokens they share, and leaves its own behind (False: fresh cache, nothing kept).
+        ``last_stats`` holds the call's counts: forward passes, drafted / accepted tokens.
         """
-        return _generation.generate(self.model, self._tokenizer, prompt, max_new_tokens, temperature, top_p,
-                                    top_k, seed, stop, echo, logprobs, stream, min_p=min_p,
-                                    repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                                    presence_penalty=presence_penalty, logit_bias=logit_bias)
+        return self._generate(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, echo, logprobs,
+                              stream, min_p=min_p, repetition_penalty=repetition_penalty,
+                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                              logit_bias=logit_bias, prompt_lookup=prompt_lookup, draft_model=draft_model,
+                              num_draft=num_draft, reuse_cache=reuse_cache)
+
+    def _generate(self, *args, draft_model=None, reuse_cache: bool = True, **kwargs):
+        """generation.generate with this model's kept KV caches, draft model and stats."""
+        if not isinstance(reuse_cache, bool):
+            raise InputError(f"reuse_cache must be True or False, got {reuse_cache!r}")
+        draft = self._draft(draft_model)
+        self.last_stats = _generation.Stats()
+        return _generation.generate(self.model, self._tokenizer, *args, draft_model=draft and draft.model,
+                                    prefix=self._kept_cache() if reuse_cache else None,
+                                    draft_prefix=draft._kept_cache() if draft and reuse_cache else None,
+                                    stats=self.last_stats, **kwargs)
 
     def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9,
              top_k: int | None = None, seed=None, stop: str | Sequence[str] | None = None, stream: bool = False,
@@ -134,12 +184,14 @@ class Llama2:
 
         messages: [{"role": "system" | "user" | "assistant", "content": str}, ...], an optional
         system message first, then user and assistant alternating, ending with user.
-        Returns the answer text, or with stream=True an iterator of its pieces.
-        options: the keyword-only options of ``generate`` (penalties, min_p, logit_bias).
+        Returns the answer text, or with stream=True an iterator of its pieces. The dialog's
+        earlier turns come from the kept KV cache (only the new turn is prefilled).
+        options: the keyword-only options of ``generate`` (penalties, min_p, logit_bias,
+        prompt_lookup, draft_model, num_draft, reuse_cache).
         """
         ids = _chat.dialog_tokens(self.tokenizer, messages)
-        return _generation.generate(self.model, self.tokenizer, ids, max_new_tokens, temperature, top_p, top_k,
-                                    seed, stop, stream=stream, text_context=False, text_out=True, **options)
+        return self._generate(ids, max_new_tokens, temperature, top_p, top_k, seed, stop, stream=stream,
+                              text_context=False, text_out=True, **options)
 
     def perplexity(self, text: str, window: int | None = None, stride: int | None = None) -> float:
         """exp(mean negative log-likelihood) of ``text`` (BOS prepended), windowed over the context length."""
