@@ -143,7 +143,7 @@ def test_actor_that_stops_answering_raises_after_the_timeout(ray_cluster):
     try:
         t0 = time.perf_counter()
         with pytest.raises(DistributedError, match=r"actor 0 of 2 .* did not answer layer 0 attention within 2 s"):
-            model.logits(IDS)
+            model.logits(IDS, reuse_cache=False)  # a forward pass, not the logits kept from the call above
         assert time.perf_counter() - t0 < 10
     finally:
         os.kill(pid, signal.SIGCONT)  # the actor was killed with its group; this only wakes a leftover
