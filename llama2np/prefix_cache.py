@@ -57,8 +57,8 @@ class PrefixCache:
         start = min(common_prefix(self.ids, ids), len(ids) - 1)
         if reuse_upto is not None:
             start = min(start, reuse_upto)
-        on_layer = None  # a progress bar for long prefills only, never for decode / verify steps
-        if len(ids) - start > 64:
+        on_layer = None  # a progress bar for long or first prefills only, never for decode / verify steps
+        if len(ids) - start > 64 or not self.ids:
             on_layer = layer_callback(self.model.args.n_layers, len(ids) - start, getattr(self.model, "progress", None))
         logits = self.model.forward(np.asarray(ids[start:], dtype=np.int64)[None], start, self.cache, on_layer)[0]
         self.ids = [int(t) for t in ids]
