@@ -15,6 +15,13 @@ from .errors import ConfigError
 #: No Llama has a context anywhere near this; a bigger max_seq_len is a typo, not a model.
 MAX_SEQ_LEN = 1 << 24
 
+#: ModelArgs field -> what it must hold; those in ARG_OPTIONAL may also be None
+ARG_KINDS = {"dim": "positive int", "n_layers": "positive int", "n_heads": "positive int",
+             "n_kv_heads": "positive int", "max_seq_len": "positive int", "multiple_of": "positive int",
+             "vocab_size": "int", "hidden_dim": "positive int", "ffn_dim_multiplier": "positive number",
+             "norm_eps": "positive number", "rope_theta": "positive number"}
+ARG_OPTIONAL = ("hidden_dim", "ffn_dim_multiplier")
+
 _KINDS = {
     "positive int": "a positive integer",
     "int": "an integer",

@@ -29,8 +29,8 @@ from .loaders import Checkpoint, load_checkpoint
 from .loaders.meta import shard_paths
 from .loaders.torch_pickle import load_pth
 from .linear import FEW_ROWS
-from .model import (KVCache, ModelArgs, Transformer, TransformerBlock, build_layer, causal_mask, linear_maker,
-                    rope_tables)
+from .model import (KVCache, ModelArgs, RopeTable, Transformer, TransformerBlock, build_layer, causal_mask,
+                    linear_maker)
 from .parallel import blas_threads, set_num_threads
 from .plan import GiB, memory_plan
 from .shard import Shard, shard_state
@@ -97,7 +97,7 @@ class _Worker:
         self.blocks = [build_layer(args, part, i, lin) for i in range(args.n_layers)]
         self.tiled = any(m.tiled for a, f in self.blocks for m in (a.wqkv, a.wo, f.w13, f.w2))
         self.args, self.dtype, self.kv_heads = args, dtype, len(shard.kv_heads(args))
-        self.rotation = rope_tables(args, dtype)
+        self.rope = RopeTable(args, dtype)
         self.caches: dict[int, KVCache] = {}
         return {"rss": _rss()}
 
@@ -121,7 +121,7 @@ class _Worker:
     def attention(self, i: int, x: np.ndarray, start_pos: int, cache_id: int | None):
         """(partial (batch, seq, dim) of layer i's attention, seconds)."""
         seqlen = x.shape[1]
-        rotation = self.rotation[start_pos : start_pos + seqlen]
+        rotation = self.rope(start_pos, start_pos + seqlen)
         mask = causal_mask(seqlen, start_pos, self.dtype)
         cache = self.caches[cache_id] if cache_id is not None else None
         ck, cv = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
@@ -366,7 +366,7 @@ class DistributedTransformer(Transformer):
         self.norm = to_float(state["norm.weight"], self.dtype)
         self.output = lin("output.weight")
         self.tiled = self.output.tiled
-        self.rotation = rope_tables(args, self.dtype)
+        self.rope = RopeTable(args, self.dtype)
 
         self.group = ActorGroup.acquire(world, timeout)
         on_node = {}

@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .config import MAX_SEQ_LEN, field_problem
+from .config import ARG_KINDS, ARG_OPTIONAL, MAX_SEQ_LEN, field_problem
 from .errors import ConfigError, InputError
 from .linear import Int8Linear, Linear
 from .parallel import blas_threads
@@ -46,13 +46,8 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        kinds = {"dim": "positive int", "n_layers": "positive int", "n_heads": "positive int",
-                 "n_kv_heads": "positive int", "max_seq_len": "positive int", "multiple_of": "positive int",
-                 "vocab_size": "int", "hidden_dim": "positive int", "ffn_dim_multiplier": "positive number",
-                 "norm_eps": "positive number", "rope_theta": "positive number"}
-        optional = ("hidden_dim", "ffn_dim_multiplier")
-        problems = [p for name, kind in kinds.items()
-                    if (p := field_problem(name, getattr(self, name), kind, name in optional))]
+        problems = [p for name, kind in ARG_KINDS.items()
+                    if (p := field_problem(name, getattr(self, name), kind, name in ARG_OPTIONAL))]
         if not problems:
             if self.vocab_size < 1 and self.vocab_size != -1:
                 problems.append(f"vocab_size must be a positive integer (or -1: from the embedding), "
@@ -139,6 +134,21 @@ def rope_tables(args: ModelArgs, dtype: np.dtype, length: int | None = None) -> 
     rotation = np.empty(angles.shape, dtype=np.result_type(dtype, np.complex64))
     rotation.real, rotation.imag = np.cos(angles), np.sin(angles)
     return rotation
+
+
+class RopeTable:
+    """``rope_tables`` built as far as calls reach (doubling, at most max_seq_len), so a long
+    max_seq_len costs memory only once positions that far are used."""
+
+    def __init__(self, args: ModelArgs, dtype: np.dtype):
+        self.args, self.dtype, self.table = args, dtype, rope_tables(args, dtype, 0)
+
+    def __call__(self, start: int, end: int) -> np.ndarray:
+        """Rotations of positions [start, end): (end - start, head_dim // 2) complex."""
+        if end > len(self.table):
+            length = min(self.args.max_seq_len, max(end, 2 * len(self.table), 256))
+            self.table = rope_tables(self.args, self.dtype, length)
+        return self.table[start:end]
 
 
 def apply_rope(x: np.ndarray, rotation: np.ndarray) -> np.ndarray:
@@ -341,15 +351,7 @@ class Transformer:
         self.norm = vec("norm.weight")
         self.output = lin("output.weight")
         self.tiled = any(m.tiled for m in self.linears())  # some weights are widened tile by tile
-        self.rotation = rope_tables(args, self.dtype, 0)  # (positions so far, head_dim // 2): see rope()
-
-    def rope(self, end: int) -> np.ndarray:
-        """The RoPE table for at least positions [0, end), grown on demand (doubling, up to max_seq_len),
-        so a long context costs memory only once calls reach that far."""
-        if end > len(self.rotation):
-            length = min(self.args.max_seq_len, max(end, 2 * len(self.rotation), 256))
-            self.rotation = rope_tables(self.args, self.dtype, length)
-        return self.rotation
+        self.rope = RopeTable(args, self.dtype)
 
     def linears(self) -> list[Linear]:
         """Every weight matrix of the network (stacked ones as one), embedding excluded."""
@@ -383,7 +385,7 @@ class Transformer:
             raise InputError("forward needs at least one token")
 
         h = to_float(self.tok_embeddings[tokens], self.dtype)  # (batch, seq, dim)
-        rotation = self.rope(end)[start_pos:end]
+        rotation = self.rope(start_pos, end)  # (seq, head_dim // 2)
         mask = causal_mask(seqlen, start_pos, self.dtype)
         # bf16/int8 weights: our threads widen tiles, one BLAS thread each, for any number of rows.
         # Float weights: BLAS's threads split every GEMV and GEMM (see parallel.py).

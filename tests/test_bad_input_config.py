@@ -146,9 +146,9 @@ def test_long_max_seq_len_allocates_nothing_up_front_and_warns():
     with pytest.warns(ContextLengthWarning, match="max_seq_len=1000000 is past the 512 positions"):
         model = Llama2.from_pretrained(DEMO, max_seq_len=10**6)
     assert model.args.max_seq_len == 10**6
-    assert model.model.rotation.nbytes == 0
+    assert model.model.rope.table.nbytes == 0
     model.logits([1, 2, 3])
-    assert model.model.rotation.nbytes < 1 << 20  # a few positions' worth, not 10**6 of them
+    assert model.model.rope.table.nbytes < 1 << 20  # a few positions' worth, not 10**6 of them
 
 
 def test_max_seq_len_within_training_does_not_warn():
@@ -163,10 +163,10 @@ def test_rope_table_grows_to_what_calls_reach():
     cache = model.new_cache(1, 700)
     ids = np.arange(700).reshape(1, -1) % 64
     model.forward(ids[:, :300], 0, cache)
-    assert len(model.rotation) == 300
+    assert len(model.rope.table) == 300
     step = model.forward(ids[:, 300:700], 300, cache)
-    assert 700 <= len(model.rotation) <= 1000
-    np.testing.assert_allclose(model.rotation[:700], rope_tables(args, np.float64, 700), rtol=0, atol=1e-15)
+    assert 700 <= len(model.rope.table) <= 1000
+    np.testing.assert_allclose(model.rope.table[:700], rope_tables(args, np.float64, 700), rtol=0, atol=1e-15)
     whole = model.forward(ids)  # no cache: the table as it is now
     np.testing.assert_allclose(step[0], whole[0, 300:], rtol=0, atol=1e-9)
 
