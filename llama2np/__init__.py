@@ -1,10 +1,11 @@
 """llama2np: a pure-NumPy reference inference engine for Llama 2."""
 
 from .errors import CheckpointError, ConfigError, InputError, Llama2npError, TokenizerError
+from .generation import Completion, ContextLengthWarning
 from .llama import Llama2
 from .model import PRESETS, ModelArgs, Transformer
 from .tokenizer import Tokenizer
 
-__all__ = ["Llama2", "ModelArgs", "PRESETS", "Transformer", "Tokenizer", "Llama2npError",
-           "CheckpointError", "ConfigError", "InputError", "TokenizerError"]
+__all__ = ["Llama2", "Completion", "ContextLengthWarning", "ModelArgs", "PRESETS", "Transformer", "Tokenizer",
+           "Llama2npError", "CheckpointError", "ConfigError", "InputError", "TokenizerError"]
 __version__ = "0.1.0"

@@ -86,7 +86,8 @@ def find_default_model(roots: Sequence[Path] | None = None) -> tuple[Path, str]:
             raise InputError(f"several checkpoints under {root}/ ({', '.join(p.name for p in user)}): "
                              "choose one with --model")
     raise InputError(f"no --model given and no checkpoint under {' or '.join(looked)}: pass --model PATH "
-                     "(a Meta or Hugging Face directory, a llama2.c .bin or a .gguf)")
+                     "(a Meta or Hugging Face directory, a llama2.c .bin or a .gguf); the demo model is in a "
+                     "clone's weights/demo, which a non-editable install does not carry")
 
 
 def load_model(args, text: bool = True, ids_flag: str | None = None):
@@ -168,6 +169,9 @@ def cmd_chat(args) -> int:
     stdin_keeps_bad_bytes()
     sampling = _checked_sampling_kwargs(args)
     model = load_model(args)
+    if model.source is not None and Path(model.source).parts[-2:] == ("weights", "demo"):
+        _say("the demo model tells stories; it is not a chat model, so its answers will not follow the "
+             "conversation (--model chooses a Llama 2 -chat checkpoint)")
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()

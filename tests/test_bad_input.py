@@ -187,6 +187,7 @@ def test_chat_goes_on_after_bad_messages(monkeypatch, capsys):
     assert "> second" in out and "Traceback" not in err
     assert err.count("message not sent; the chat goes on") == 3
     assert "special tags" in err and "context length 512" in err and "byte 0xff" in err
+    assert "not a chat model" in err  # the demo says what it is
     assert len(seen) == 2  # answers to "Hello!" and "second" only
     assert [m["role"] for m in seen[1]] == ["system", "user", "assistant", "user"]
     assert seen[1][1]["content"] == "Hello!" and seen[1][3]["content"] == "second"
