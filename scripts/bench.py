@@ -5,6 +5,7 @@
     python scripts/bench.py --shape 1b --prompt-len 512 --new-tokens 16
     python scripts/bench.py /work/synth/7b-meta --new-tokens 8 --runs 1 --compare-hf
     python scripts/bench.py /work/synth/13b-hf --quantize int8 --new-tokens 8 --runs 1
+    python scripts/bench.py --speculative positions|lookup ...   (scripts/bench_speculative.py)
 
 Small shapes get random weights made in memory (seeded, so ``--compare-hf``
 rebuilds the very same weights in its worker process); 7b/13b need a checkpoint,
@@ -270,6 +271,10 @@ def run_hf(opts, prompt: np.ndarray) -> dict | None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--speculative"]:  # forward cost against positions, prompt lookup against plain
+        from bench_speculative import main as speculative
+        return speculative(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", nargs="?", help="checkpoint directory or file (else --shape)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="110m")

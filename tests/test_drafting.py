@@ -267,3 +267,18 @@ def test_bad_speculative_arguments_are_input_errors(stories):
                      (dict(reuse_cache="yes"), "reuse_cache")):
         with pytest.raises(InputError, match=word):
             stories.generate("Once", max_new_tokens=3, **kw)
+
+
+def test_speculative_bench_runs(tmp_path):
+    """scripts/bench.py --speculative runs end to end on small models (its figures are printed, never asserted)."""
+    import subprocess
+    import sys
+    bench = [sys.executable, str(REPO / "scripts" / "bench.py"), "--speculative"]
+    costs = tmp_path / "costs.json"
+    proc = subprocess.run(bench + ["positions", str(DEMO), "--sizes", "1,2", "--runs", "1", "--save", str(costs)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "forward over  2 positions" in proc.stdout, proc.stderr
+    proc = subprocess.run(bench + ["lookup", str(DEMO), "--new-tokens", "6", "--runs", "1", "--num-draft", "2",
+                                   "--costs", str(costs)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("identical") == 2 and "DIFFERENT" not in proc.stdout, proc.stdout
