@@ -372,7 +372,7 @@ def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="draft by copying what followed the latest earlier occurrence of the last n <= N tokens")
     g.add_argument("--draft-model", metavar="PATH", help="draft with this smaller checkpoint (same vocabulary)")
     g.add_argument("--num-draft", type=int, metavar="K",
-                   help="tokens drafted per forward pass (default: 8 with --prompt-lookup, 4 with --draft-model)")
+                   help="tokens drafted per forward pass (default: 3)")
 
 
 def build_parser() -> argparse.ArgumentParser:

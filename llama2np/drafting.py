@@ -31,6 +31,10 @@ from .model import Transformer
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, draw, filtered_probs, log_softmax, process_logits
 
+# 3 drafts = a pass over 4 positions, which costs what a pass over one costs for 7B bf16 on a
+# 2-core machine (scripts/bench.py --speculative positions); 8 positions cost 2.4 times as much.
+DEFAULT_NUM_DRAFT = 3
+
 
 class PromptLookup:
     """Drafts by copying: find the latest earlier occurrence of the last n tokens (n = N..1), propose what followed."""
@@ -94,9 +98,9 @@ def make_drafter(prompt_lookup: int | None, draft_model: Transformer | None, num
         if draft_model.args.vocab_size != target.args.vocab_size:
             raise InputError(f"the draft model's vocabulary ({draft_model.args.vocab_size} tokens) differs from "
                              f"the model's ({target.args.vocab_size}): a draft model must share the tokenizer")
-        return DraftModel(draft_model, draft_prefix), int(num_draft or 4)
+        return DraftModel(draft_model, draft_prefix), int(num_draft or DEFAULT_NUM_DRAFT)
     if prompt_lookup is not None:
-        return PromptLookup(int(prompt_lookup)), int(num_draft or 8)
+        return PromptLookup(int(prompt_lookup)), int(num_draft or DEFAULT_NUM_DRAFT)
     if num_draft is not None:
         raise InputError("num_draft needs a drafter: prompt_lookup=N or draft_model=...")
     return None, 0

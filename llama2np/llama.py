@@ -154,7 +154,7 @@ class Llama2:
         Speculative decoding (same output distribution; greedy output token-identical):
         prompt_lookup=N drafts by copying what followed the latest earlier occurrence of the
         last n <= N tokens; draft_model (a Llama2 sharing the vocabulary, or its path) drafts
-        with a smaller model; num_draft tokens per step (default 8 / 4); the model checks
+        with a smaller model; num_draft tokens per step (default 3); the model checks
         a whole draft in one forward pass. A batch then decodes row after row.
         reuse_cache: a single prompt reuses the kept KV cache of the previous call for the
         tokens they share, and leaves its own behind (False: fresh cache, nothing kept).
