@@ -40,11 +40,11 @@ import numpy as np
 from .parallel import num_threads, run_parallel
 from .tensors import is_bf16, to_float
 
-#: weights per tile when few rows come in (decoding): a tile's widened half (128K floats, 0.5 MiB)
-#: and its stored bytes (0.5 MiB) share a 1 MiB L2 cache
-TILE_ELEMENTS = 256 * 1024
-#: weights per tile with more input rows (prefill): the GEMM of each tile is long enough to
-#: amortise widening it (measured 128 rows x 4096: 95-110 % of 2-thread sgemm at 128 input rows)
+#: widened values per tile when few rows come in (decoding): 128K floats = 0.5 MiB, so a tile's
+#: widened buffer and its stored bytes share a core's 1 MiB L2 cache
+TILE_ELEMENTS = 128 * 1024
+#: widened values per tile with more input rows (prefill): each tile's GEMM is long enough to
+#: amortise widening it (measured at 128 input rows: 95-110 % of the 2-thread sgemm rate)
 BIG_TILE_ELEMENTS = 512 * 1024
 #: input rows up to which tiles are TILE_ELEMENTS big
 FEW_ROWS = 8
@@ -115,7 +115,8 @@ class Linear:
     def _tiles(self, n: int) -> tuple[int, list]:
         """Rows per tile for ``n`` input rows, and the tiles: (stored rows, first, end output row)."""
         elements = TILE_ELEMENTS if n <= FEW_ROWS else BIG_TILE_ELEMENTS
-        rows = max(1, elements // self.in_features)
+        width = self.in_features // 2 if self._paired else self.in_features  # widened at a time
+        rows = max(1, elements // width)
         if rows not in self._plans:
             self._plans[rows] = _tile_plan(self._stored, rows)
         return rows, self._plans[rows]
