@@ -1,4 +1,4 @@
-"""The command line: ``python -m llama2np generate | chat | perplexity | logits | compare | plan``.
+"""The command line: ``python -m llama2np generate | chat | perplexity | logits | compare | plan | quantize``.
 
 Text goes to stdout; what the program says about itself (which model, speed,
 warnings, errors) goes to stderr. Errors are one line and exit with status 2.
@@ -325,6 +325,18 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    import time
+
+    from .quantize import quantize_checkpoint
+
+    t0 = time.perf_counter()
+    out = quantize_checkpoint(args.model, args.out, progress=None)
+    _say(f"wrote {out} in {time.perf_counter() - t0:.1f} s (int8 weights + float32 row scales); "
+         f"load it with --model {out}")
+    return 0
+
+
 # --- the parser ------------------------------------------------------------------------
 
 
@@ -454,6 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine-ram", type=float, default=24.0, metavar="GIB",
                    help="RAM of one machine, GiB, for the machines table (default: 24)")
     p.set_defaults(run=cmd_plan)
+
+    p = sub.add_parser("quantize", help="write an int8 copy of a checkpoint that loads in seconds",
+                       description="Quantize every weight matrix of a checkpoint to int8 with one float32 scale "
+                                   "per row (as --quantize int8 does at every load) and write the result to a new "
+                                   "directory, which later loads memory-mapped: --model OUT.")
+    p.add_argument("--model", required=True, metavar="PATH", help="the checkpoint to quantize (any layout)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new directory to write (must not exist or be empty)")
+    p.set_defaults(run=cmd_quantize)
     return parser
 
 
@@ -465,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: generate, chat, perplexity, logits, compare or plan")
+        parser.error("choose a command: generate, chat, perplexity, logits, compare, plan or quantize")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _warn_one_line

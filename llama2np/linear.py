@@ -185,22 +185,42 @@ class Linear:
         np.copyto(out, bits.view(np.float32))
 
 
+class QuantizedTensor:
+    """An int8 matrix with one float32 scale per row: W ~ q * scale[:, None].
+
+    What a quantized checkpoint holds for each weight matrix (``q`` usually a
+    memory map); ``Int8Linear`` uses it as is instead of quantizing again.
+    """
+
+    dtype = np.dtype(np.int8)
+    ndim = 2
+
+    def __init__(self, q: np.ndarray, scale: np.ndarray):
+        if q.dtype != np.int8 or q.ndim != 2 or scale.shape != q.shape[:1]:
+            raise ValueError(f"need int8 (out, in) values and (out,) scales, got {q.dtype} {q.shape} "
+                             f"and {scale.shape}")
+        self.q, self.scale = q, scale
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+
 class Int8Linear(Linear):
     """Weight-only int8: W ~ q * scale[:, None], q int8 (out, in), one scale per output row.
 
     Symmetric, round to nearest, scale = max|row| / 127. The scale is applied
     to the output (y = (x @ q.T) * scale), so widening a tile is a plain
-    int8 -> float cast.
+    int8 -> float cast. Weights already quantized (``QuantizedTensor``) are
+    used as they are.
     """
 
-    def __init__(self, weights: np.ndarray | Sequence[np.ndarray], dtype: np.dtype):
+    def __init__(self, weights: np.ndarray | Sequence[np.ndarray | QuantizedTensor], dtype: np.dtype):
         parts = self._describe(weights, dtype)
-        self.weight = np.empty(self.shape, dtype=np.int8)
-        scale = np.empty(self.out_features, dtype=np.float32)
-        for (w, r0) in zip(parts, np.cumsum([0] + self.sizes)):
-            quantize_int8(w, self.weight[r0 : r0 + w.shape[0]], scale[r0 : r0 + w.shape[0]])
-        self.scale = scale.astype(self.dtype)  # (out_features,)
-        self.tiled, self.parts, self._stored, self._paired = True, [self.weight], [self.weight], False
+        quantized = [w if isinstance(w, QuantizedTensor) else QuantizedTensor(*quantize_int8(w)) for w in parts]
+        self.parts = self._stored = [w.q for w in quantized]  # stacked parts are not copied
+        self.scale = np.concatenate([w.scale for w in quantized]).astype(self.dtype)  # (out_features,)
+        self.tiled, self._paired = True, False
         self._plans: dict[int, list] = {}
 
     def _widen(self, stored: np.ndarray, out: np.ndarray) -> None:

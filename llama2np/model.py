@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import ARG_KINDS, ARG_OPTIONAL, MAX_SEQ_LEN, field_problem
 from .errors import ConfigError, InputError
-from .linear import Int8Linear, Linear
+from .linear import Int8Linear, Linear, QuantizedTensor
 from .parallel import blas_threads
 from .tensors import to_float
 
@@ -282,10 +282,11 @@ def linear_maker(params: Mapping[str, np.ndarray], dtype: np.dtype, quantize: st
     """``lin(*names)``: one ``Linear`` (``Int8Linear`` when quantize="int8") over the named matrices, stacked."""
     if quantize not in (None, "int8"):
         raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
-    linear = Int8Linear if quantize == "int8" else Linear
-
     def lin(*names: str) -> Linear:
-        layer = linear([params[n] for n in names], dtype)
+        weights = [params[n] for n in names]
+        # a quantized checkpoint's matrices are int8 already, whatever was asked for
+        quantized = quantize == "int8" or any(isinstance(w, QuantizedTensor) for w in weights)
+        layer = (Int8Linear if quantized else Linear)(weights, dtype)
         if quantize and hasattr(params, "release"):  # the float originals are no longer needed
             for n in names:
                 params.release(n)

@@ -188,3 +188,36 @@ def test_bf16_model_decodes_like_its_float32_copy():
         outs.append(np.concatenate(steps))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(outs[1][-1], plain.forward(tokens)[0, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,dtype", [("mqa_bf16", "float32"), ("layouts/hf_bf16", "float64"), ("gqa2", "float32")])
+def test_quantized_checkpoint_gives_the_logits_of_quantizing_at_load(name, dtype, tmp_path):
+    from llama2np.cli import main
+
+    src, out = GOLDEN / name, tmp_path / "int8"
+    assert main(["quantize", "--model", str(src), "--out", str(out)]) == 0
+    with np.load(GOLDEN / json.loads((GOLDEN / "manifest.json").read_text())[name]["reference"]) as z:
+        ids = z["ids"]
+    at_load = Llama2.from_pretrained(src, dtype=dtype, quantize="int8")
+    stored = Llama2.from_pretrained(out, dtype=dtype)
+    assert all(isinstance(m, Int8Linear) for m in stored.model.linears())
+    assert isinstance(stored.model.linears()[0].parts[0], np.memmap)  # read from the file, not copied
+    np.testing.assert_array_equal(stored.logits(ids), at_load.logits(ids))
+    # asking for int8 again changes nothing
+    np.testing.assert_array_equal(Llama2.from_pretrained(out, dtype=dtype, quantize="int8").logits(ids[:5]),
+                                  at_load.logits(ids[:5]))
+
+
+def test_quantize_refuses_a_non_empty_out_dir_and_a_foreign_int8_config(tmp_path):
+    from llama2np.errors import CheckpointError
+    from llama2np.quantize import quantize_checkpoint
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="not an empty directory"):
+        quantize_checkpoint(GOLDEN / "gqa2", tmp_path / "x")
+    out = quantize_checkpoint(GOLDEN / "gqa2", tmp_path / "q")
+    config = json.loads((out / "llama2np.json").read_text())
+    (out / "llama2np.json").write_text(json.dumps({**config, "format": "something-else"}))
+    with pytest.raises(CheckpointError, match="format"):
+        Llama2.from_pretrained(out)

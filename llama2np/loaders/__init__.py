@@ -18,6 +18,7 @@ from ..model import ModelArgs
 from .common import check_max_seq_len, validate
 from .gguf import find_gguf_file, is_gguf_file, load_gguf, sentencepiece_model
 from .hf import is_hf_dir, load_hf
+from .int8 import is_int8_dir, load_int8
 from .llama2c import find_llama2c_file, load_llama2c, looks_like_llama2c
 from .llama2c import tokenizer_candidates as llama2c_tokenizer_candidates
 from .meta import is_meta_dir, load_meta
@@ -28,7 +29,7 @@ class Checkpoint:
     args: ModelArgs
     state: Mapping[str, np.ndarray]
     source: Path
-    layout: str  # "meta", "hf", "llama2c" or "gguf"
+    layout: str  # "meta", "hf", "llama2c", "gguf" or "int8" (llama2np.quantize)
     tokenizer_candidates: list[Path] = field(default_factory=list)
     #: a sentencepiece model serialized from the checkpoint itself (GGUF's vocabulary), used when no
     #: tokenizer file is found
@@ -46,7 +47,10 @@ def load_checkpoint(path: str | Path, max_seq_len: int | None = None, progress: 
     if path.is_file() and path.suffix in (".safetensors", ".bin", ".json") and is_hf_dir(path.parent):
         path = path.parent  # a weight file of an HF directory: load the whole directory
     llama2c = path if looks_like_llama2c(path) else (find_llama2c_file(path) if path.is_dir() else None)
-    if is_meta_dir(path):
+    if is_int8_dir(path):
+        args, state = load_int8(path, max_seq_len=max_seq_len)
+        ckpt = Checkpoint(args, state, path, "int8", [path / "tokenizer.model"])
+    elif is_meta_dir(path):
         args, state = load_meta(path, max_seq_len=max_seq_len, progress=progress)
         ckpt = Checkpoint(args, state, path, "meta", [path / "tokenizer.model", path.parent / "tokenizer.model"])
     elif is_hf_dir(path):

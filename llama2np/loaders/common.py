@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import MAX_SEQ_LEN, field_problem
 from ..errors import CheckpointError, ConfigError, InputError
+from ..linear import QuantizedTensor
 from ..model import ModelArgs
 from ..progress import bar
 from ..tensors import STORAGE_DTYPES
@@ -152,7 +153,7 @@ def validate(args: ModelArgs, state: Mapping[str, np.ndarray], source: Path | st
             actual, dtype = state.spec(name)
         else:
             actual, dtype = tuple(state[name].shape), state[name].dtype
-        if dtype not in STORAGE_DTYPES:
+        if dtype not in STORAGE_DTYPES and not isinstance(state[name], QuantizedTensor):
             raise CheckpointError(f"{source}: tensor {name} has unsupported dtype {dtype} "
                                   "(expected bfloat16, float16, float32 or float64)")
         if tuple(actual) != shape:

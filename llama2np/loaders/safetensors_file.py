@@ -20,7 +20,8 @@ import numpy as np
 from ..errors import CheckpointError
 from ..tensors import BF16
 
-DTYPES = {"BF16": BF16, "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+DTYPES = {"BF16": BF16, "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
+          "I8": np.dtype("i1")}  # int8: llama2np's own quantized checkpoints
 
 #: a header bigger than this is corrupt, not a checkpoint (the format itself caps it at 100 MB)
 _MAX_HEADER = 100_000_000
