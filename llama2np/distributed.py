@@ -124,6 +124,8 @@ class _Worker:
         rotation = self.rope(start_pos, start_pos + seqlen)
         mask = causal_mask(seqlen, start_pos, self.dtype)
         cache = self.caches[cache_id] if cache_id is not None else None
+        if cache is not None:
+            cache.reserve(start_pos + seqlen)
         ck, cv = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
         return self._run(lambda: self.blocks[i][0](x, start_pos, rotation, mask, ck, cv), x)
 
@@ -327,6 +329,9 @@ class DistributedCache:
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         group.call("new_cache", self.id, batch_size, max_seq_len, what="new KV cache")
         self.k = self.v = [self.id] * n_layers
+
+    def reserve(self, end: int) -> None:
+        """Nothing to do here: each actor's cache grows as its attention reaches further."""
 
     def keep_rows(self, keep: np.ndarray, upto: int) -> "DistributedCache":
         """Keep only the batch rows where ``keep`` is True (in place, on every actor); returns self."""

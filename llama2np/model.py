@@ -186,19 +186,29 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 class KVCache:
-    """Keys and values of every layer for positions already seen, preallocated.
+    """Keys and values of every layer for the positions already seen: k, v (n_layers, batch,
+    n_kv_heads, capacity, head_dim). The capacity grows (``reserve``) as calls reach further, up
+    to max_seq_len; np.zeros maps pages lazily, so it costs memory only as it fills."""
 
-    k, v: (n_layers, batch, n_kv_heads, max_seq_len, head_dim). np.zeros maps
-    pages lazily, so a long max_seq_len costs memory only as it fills.
-    """
+    INITIAL = 4096  # positions allocated at first (Llama 2's context)
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: np.dtype,
                  n_kv_heads: int | None = None):
         """``n_kv_heads``: the key/value heads this process computes (default all; fewer for a
         tensor-parallel slice, see ``Shard``)."""
-        shape = (args.n_layers, batch_size, n_kv_heads or args.n_kv_heads, max_seq_len, args.head_dim)
-        self.k = np.zeros(shape, dtype=dtype)
-        self.v = np.zeros(shape, dtype=dtype)
+        self.max_seq_len = max_seq_len
+        shape = (args.n_layers, batch_size, n_kv_heads or args.n_kv_heads, min(max_seq_len, self.INITIAL),
+                 args.head_dim)
+        self.k, self.v = np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=dtype)
+
+    def reserve(self, end: int) -> None:
+        """Make room for positions [0, end), end <= max_seq_len."""
+        have = self.k.shape[3]
+        if end > have:
+            shape = (*self.k.shape[:3], min(self.max_seq_len, max(end, 2 * have)), self.k.shape[4])
+            k, v = np.zeros(shape, self.k.dtype), np.zeros(shape, self.v.dtype)
+            k[:, :, :, :have], v[:, :, :, :have] = self.k, self.v
+            self.k, self.v = k, v
 
     def keep_rows(self, keep: np.ndarray, upto: int) -> "KVCache":
         """A smaller cache holding only the batch rows where ``keep`` (bool, (batch,)) is True.
@@ -206,6 +216,7 @@ class KVCache:
         Positions < ``upto`` (all that is filled) are copied.
         """
         smaller = object.__new__(KVCache)
+        smaller.max_seq_len = self.max_seq_len
         shape = (self.k.shape[0], int(np.count_nonzero(keep)), *self.k.shape[2:])
         smaller.k, smaller.v = np.zeros(shape, self.k.dtype), np.zeros(shape, self.v.dtype)
         smaller.k[:, :, :, :upto] = self.k[:, keep, :, :upto]
@@ -215,10 +226,6 @@ class KVCache:
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.k.shape[3]
 
 
 class Attention:
@@ -384,6 +391,8 @@ class Transformer:
             raise InputError(f"batch of {bsz} sequences does not match the cache's {cache.batch_size}")
         if seqlen == 0:
             raise InputError("forward needs at least one token")
+        if cache is not None:
+            cache.reserve(end)
 
         h = to_float(self.tok_embeddings[tokens], self.dtype)  # (batch, seq, dim)
         rotation = self.rope(start_pos, end)  # (seq, head_dim // 2)

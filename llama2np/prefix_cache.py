@@ -7,7 +7,7 @@ forward pass. Positions at and after ``s`` are stale; the next forward writes
 over them before anything reads them (attention reads positions < its end),
 which is also how rejected draft tokens are rolled back.
 
-Memory: the cache is allocated for the whole context (``np.zeros``, so pages
+Memory: the cache grows with the positions reached (``np.zeros``, so pages
 are mapped only as positions fill) and holds 2 x n_layers x n_kv_heads x
 head_dim values per cached token: 1 MiB per token for Llama 2 7B in float32,
 at most 4 GiB at its 4096-token context. ``all_logits`` (for ``Llama2.logits``)
@@ -70,8 +70,13 @@ class PrefixCache:
         start = min(common_prefix(self.ids, ids), self._n_logits)
         if start == len(ids):  # all of it seen before
             return start, self._logits[:start].copy()
-        if self._logits is None:
-            self._logits = np.zeros((self.max_seq_len, self.model.args.vocab_size), self.model.dtype)
+        have = 0 if self._logits is None else len(self._logits)
+        if len(ids) > have:  # grown as calls reach further (doubling), like the KV cache
+            grown = np.zeros((min(self.max_seq_len, max(len(ids), 256, 2 * have)), self.model.args.vocab_size),
+                             self.model.dtype)
+            if start:
+                grown[:start] = self._logits[:start]
+            self._logits = grown
         _, new = self.forward(ids, reuse_upto=start)
         self._logits[start:len(ids)] = new
         self._n_logits = len(ids)

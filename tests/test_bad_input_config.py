@@ -21,7 +21,7 @@ from llama2np.loaders import load_checkpoint
 from llama2np.loaders.common import expected_shapes
 from llama2np.loaders.safetensors_file import open_safetensors
 from llama2np.loaders.torch_pickle import load_pth
-from llama2np.model import rope_tables
+from llama2np.model import KVCache, rope_tables
 from tiny_model import tiny_state
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -149,6 +149,31 @@ def test_long_max_seq_len_allocates_nothing_up_front_and_warns():
     assert model.model.rope.table.nbytes == 0
     model.logits([1, 2, 3])
     assert model.model.rope.table.nbytes < 1 << 20  # a few positions' worth, not 10**6 of them
+
+
+def test_huge_max_seq_len_costs_nothing_until_used():
+    """KV caches and the kept logits grow with the positions reached, like the RoPE table."""
+    with pytest.warns(ContextLengthWarning):
+        model = Llama2.from_pretrained(DEMO, max_seq_len=10**7)
+    assert model.logits([1, 2, 3]).shape == (3, model.args.vocab_size)
+    assert model.generate([1, 2, 3], max_new_tokens=4, temperature=0)
+    kept = model._prefix
+    assert kept.max_seq_len == 10**7 and kept.cache.k.shape[3] <= KVCache.INITIAL and len(kept._logits) <= 256
+
+
+def test_kv_cache_grows_keeping_what_it_holds(monkeypatch):
+    monkeypatch.setattr(KVCache, "INITIAL", 8)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=40)
+    model = Transformer(args, tiny_state(args), "float64")
+    ids = (np.arange(40) * 7 % 64).reshape(1, -1)
+    cache = model.new_cache(1)
+    assert cache.k.shape[3] == 8 and cache.max_seq_len == 40
+    steps = [model.forward(ids[:, a:b], a, cache)[0] for a, b in [(0, 5), (5, 6), (6, 13), (13, 30), (30, 40)]]
+    assert cache.k.shape[3] == 40  # 8 -> 16 -> 32 -> 40 (capped at max_seq_len)
+    np.testing.assert_allclose(np.concatenate(steps), model.forward(ids)[0], rtol=0, atol=1e-12)
+    assert cache.keep_rows(np.array([True]), 40).max_seq_len == 40
+    with pytest.raises(InputError, match="exceed the context length 40"):
+        model.forward(ids[:, :1], 40, cache)
 
 
 def test_max_seq_len_within_training_does_not_warn():
