@@ -3,6 +3,8 @@
 
     python scripts/make_synthetic_checkpoint.py --shape 7b --layout hf --dtype bf16 --out /tmp/synth-7b-hf
     python scripts/make_synthetic_checkpoint.py --shape 13b --layout meta --out /tmp/synth-13b-meta  # 2 shards
+    python scripts/make_synthetic_checkpoint.py --shape 70b --layers 2 --layout meta --shards 8 \
+        --out /tmp/synth/70b-2layer-meta  # 70B's layer shapes, 2 of its 80 layers (tensor-parallel benchmark)
 
 Layouts: ``meta`` (params.json + consolidated.NN.pth, split across model-parallel
 shards as fairscale does; default shard count as Meta ships: 7b 1, 13b 2, 70b 8),
@@ -18,6 +20,7 @@ so tests reuse them to write a given state dict in every layout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -220,12 +223,15 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     ap.add_argument("--layout", choices=["meta", "hf", "hf-pytorch", "llama2c"], default="hf")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    ap.add_argument("--layers", type=int, help="keep only this many layers of the shape (default: all)")
     ap.add_argument("--shards", type=int, help="Meta: model-parallel shards (default as Meta ships)")
     ap.add_argument("--shard-gb", type=float, default=5.0, help="HF: max size of one weight file (GB)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     args = SHAPES[a.shape]
+    if a.layers is not None:
+        args = dataclasses.replace(args, n_layers=a.layers)
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[a.dtype]
     if a.layout == "llama2c":
         dtype = "float32"  # the legacy llama2.c format is fp32 only
