@@ -32,7 +32,7 @@ from .linear import FEW_ROWS
 from .model import (KVCache, ModelArgs, RopeTable, Transformer, TransformerBlock, build_layer, causal_mask,
                     linear_maker)
 from .parallel import blas_threads, set_num_threads
-from .plan import GiB, memory_plan
+from .plan import human, memory_plan
 from .shard import Shard, shard_state
 from .tensors import BF16, to_float
 
@@ -40,6 +40,8 @@ from .tensors import BF16, to_float
 DEFAULT_TIMEOUT = 120.0
 #: seconds the actors may take to read (and quantise) their slices
 LOAD_TIMEOUT = 3600.0
+#: inputs up to this size go inside each actor call; bigger ones through the object store, once
+INLINE_BYTES = 64 * 1024
 
 
 def import_ray():
@@ -80,15 +82,15 @@ class _Worker:
         """Read this actor's slice as ``spec`` says; check the memory first. Returns its RSS in bytes."""
         args = ModelArgs(**spec["args"])
         shard, dtype = Shard(spec["rank"], spec["world"]), np.dtype(spec["dtype"])
-        set_num_threads(spec["threads"])
         plan = memory_plan(args, shard.world, spec["storage"], spec["dtype"], spec["quantize"])
         need, free = plan.actor_total * spec["on_node"], available_memory()
         if free is not None and need > free:
             raise DistributedError(
                 f"actor {shard.rank} on node {self.where()['ip']}: {spec['on_node']} actor(s) on this node need "
-                f"{need / GiB:.2f} GiB ({plan.actor_weights / GiB:.2f} GiB of weights and "
-                f"{plan.actor_kv_cache / GiB:.2f} GiB of KV cache at context {args.max_seq_len} each) but only "
-                f"{free / GiB:.2f} GiB is available: add machines, use quantize='int8' or a shorter max_seq_len")
+                f"{human(need)} ({human(plan.actor_weights)} of weights and {human(plan.actor_kv_cache)} of KV "
+                f"cache at context {args.max_seq_len} each) but only {human(free)} is available: add machines, "
+                "use quantize='int8' or a shorter max_seq_len")
+        set_num_threads(spec["threads"])
         if spec["own_shard"]:  # Meta's consolidated.0k.pth is exactly this actor's slice
             part = load_pth(Path(spec["source"]) / f"consolidated.{shard.rank:02d}.pth")
         else:
@@ -236,10 +238,15 @@ class ActorGroup:
         return self.gather([getattr(a, method).remote(*args) for a in self.actors], what or method, timeout)
 
     def reduce(self, method: str, x: np.ndarray, *args, what: str) -> np.ndarray:
-        """Sum over actors of ``method(x, *args)``'s partial outputs: x is sent once (ray.put)."""
+        """Sum over actors of ``method(layer, x, *more)``'s partial outputs (args = layer, *more).
+
+        A large x (prefill) is put in Ray's object store once, where every actor reads it; a small one
+        (decode) travels inside each call, which measured twice as fast (8 actors: 5.7 against 12 ms
+        for 32 KiB), as an object-store reference costs every actor an extra fetch from the driver.
+        """
         t0 = time.perf_counter()
-        ref = self.ray.put(x)
-        answers = self.gather([getattr(a, method).remote(args[0], ref, *args[1:]) for a in self.actors], what)
+        arg = x if x.nbytes <= INLINE_BYTES else self.ray.put(x)
+        answers = self.gather([getattr(a, method).remote(args[0], arg, *args[1:]) for a in self.actors], what)
         total = answers[0][0].copy()  # actor outputs arrive read-only
         for part, _ in answers[1:]:
             total += part
@@ -369,7 +376,11 @@ class DistributedTransformer(Transformer):
         self.args, self.dtype = args, np.dtype(dtype)
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False} if ray_address is None else {}
-            ray.init(address=ray_address, log_to_driver=False, **kwargs)
+            try:
+                ray.init(address=ray_address, log_to_driver=False, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                where = f"the Ray cluster at {ray_address!r}" if ray_address else "a local Ray cluster"
+                raise DistributedError(f"cannot join {where}: {e}") from None
         lin = linear_maker(state, self.dtype, quantize)
         self.tok_embeddings = state["tok_embeddings.weight"]
         self.norm = to_float(state["norm.weight"], self.dtype)

@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from llama2np import Llama2
+from llama2np.distributed import ActorGroup
 from llama2np.loaders.common import make_args
 from llama2np.loaders.meta import read_params, shard_paths
 from llama2np.loaders.torch_pickle import load_pth
 from llama2np.model import KVCache, build_layer, causal_mask, linear_maker, rope_tables
-from llama2np.parallel import blas_threads, num_threads, run_parallel
+from llama2np.parallel import blas_threads, num_threads
 from llama2np.plan import GiB, memory_plan
 
 FULL_LAYERS = 80  # Llama 2 70B
@@ -69,18 +70,6 @@ def one_slice(path: Path, world: int, quantize: str | None, steps: int) -> tuple
     return float(np.median(times)), nbytes
 
 
-def bandwidth() -> float:
-    """This machine's read bandwidth, GB/s (sum over a 1 GiB array, all threads via chunks)."""
-    a = np.ones(GiB // 8)
-    chunks = np.array_split(a, num_threads())
-    best = 0.0
-    for _ in range(3):
-        t0 = time.perf_counter()
-        run_parallel(lambda c: c[0].sum(), [[c] for c in chunks])
-        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
@@ -93,7 +82,10 @@ def main(argv=None) -> None:
     n = a.tensor_parallel
     import ray
 
-    print(f"machine: {num_threads()} cores, read bandwidth {bandwidth():.1f} GB/s", flush=True)
+    from bench import read_bandwidth  # scripts/bench.py: a dot product over 1 GiB on all threads
+
+    print(f"machine: {num_threads()} cores, read bandwidth {read_bandwidth(num_threads(), GiB) / 1e9:.1f} GB/s",
+          flush=True)
 
     # 1. one slice alone
     alone = {}
@@ -129,6 +121,14 @@ def main(argv=None) -> None:
         group.reduce("ping", np.zeros((1, 1, model.args.dim), np.float32), 0, what="ping")
     ping = np.array([rt for _, rt, _ in group.round_trips])
     rss = group.call("peak_rss")
+    empty = {n: float(np.median(ping)) * 1e3}
+    for k in sorted({1, 2, 4} - {n}):  # how an empty reduction's cost grows with the number of actors
+        g = ActorGroup(k)
+        g.round_trips = []
+        for _ in range(20):
+            g.reduce("ping", np.zeros((1, 1, model.args.dim), np.float32), 0, what="ping")
+        empty[k] = float(np.median([rt for _, rt, _ in g.round_trips])) * 1e3
+        g.close()
     plan = memory_plan(model.args, n, "bfloat16", max_seq_len=256)
     print(f"per-actor peak RSS: {', '.join(f'{r / 2 ** 20:.0f}' for r in rss)} MiB "
           f"(the plan counts {plan.actor_weights / 2 ** 20:.0f} MiB of weights each)")
@@ -137,8 +137,9 @@ def main(argv=None) -> None:
     print(f"reduction round trip: median {np.median(trips[:, 0]) * 1e3:.2f} ms, of which the slowest actor "
           f"computes {np.median(trips[:, 1]) * 1e3:.2f} ms; Ray overhead median {np.median(overhead) * 1e3:.2f} ms, "
           f"p90 {np.percentile(overhead, 90) * 1e3:.2f} ms (all {n} actors share this machine's cores)")
-    print(f"an empty reduction (ray.put, {n} calls, {n} answers, no work): median {np.median(ping) * 1e3:.2f} ms, "
-          f"p90 {np.percentile(ping, 90) * 1e3:.2f} ms")
+    print(f"an empty reduction ({n} calls, {n} answers, no work): median {np.median(ping) * 1e3:.2f} ms, "
+          f"p90 {np.percentile(ping, 90) * 1e3:.2f} ms; with 1, 2, 4, ... actors: "
+          + ", ".join(f"{k}: {v:.2f} ms" for k, v in sorted(empty.items())))
 
     # 3. correctness on the real shape
     if not a.no_check:

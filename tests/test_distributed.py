@@ -149,6 +149,17 @@ def test_actor_that_stops_answering_raises_after_the_timeout(ray_cluster):
         os.kill(pid, signal.SIGCONT)  # the actor was killed with its group; this only wakes a leftover
 
 
+def test_actor_refuses_a_slice_bigger_than_free_memory(ray_cluster):
+    from llama2np.distributed import _Worker
+
+    spec = {"args": load_checkpoint(META).args.to_params(), "rank": 0, "world": 2, "dtype": "float32",
+            "quantize": None, "storage": "float32", "source": str(META), "own_shard": True, "threads": 1,
+            "on_node": 10 ** 9}  # a billion actors on this node
+    with pytest.raises(DistributedError, match=r"actor 0 on node .*: 1000000000 actor\(s\) on this node need "
+                                               r".* but only .* is available: add machines"):
+        _Worker().load(spec)
+
+
 # --- the command line -----------------------------------------------------------------------
 
 
