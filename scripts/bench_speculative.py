@@ -2,8 +2,8 @@
 """Benchmark what speculative decoding buys: forward cost against positions, and prompt lookup against plain.
 
     python scripts/bench.py --speculative positions /tmp/synth/7b-meta      # (or this script directly)
-    python scripts/bench.py --speculative lookup weights/demo ../shared/data/stories260K/stories260K.bin \\
-        --costs costs.json
+    python scripts/bench.py --speculative --threads 1 lookup weights/demo \\
+        ../shared/data/stories260K/stories260K.bin --costs costs.json
 
 ``positions``: the wall time of one forward pass over 1, 2, 4, 8, 16 new positions
 through the KV cache (after a prefill), median of ``--runs``: the price of
@@ -28,11 +28,12 @@ import time
 import numpy as np
 
 from llama2np import Llama2
+from llama2np.parallel import set_num_threads
 
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 TEXT = ("Tom had a big red ball. He liked to throw the ball to his dog, Max. Max ran fast and brought the ball "
         "back. One day the ball went into the pond. Tom was sad, but Max jumped in and got it.")
-REPEAT = f"{TEXT}\n\nAgain: {TEXT[:40]}"  # a text, then its start again: the continuation is a copy
+REPEAT = f"{TEXT}\n{TEXT}\n{TEXT[:38]}"  # a text twice, then its start again: the continuation is a copy
 
 
 def forward_costs(model: Llama2, sizes: list[int], context: int, runs: int) -> dict[int, float]:
@@ -59,10 +60,11 @@ def cost_at(costs: dict[int, float], positions: float) -> float:
     return float(np.interp(positions, sizes, [costs[n] for n in sizes])) / costs[1]
 
 
-def timed(model: Llama2, prompt: str, new_tokens: int, **kw) -> tuple[str, float, object]:
-    t0 = time.perf_counter()
+def timed(model: Llama2, prompt: str, new_tokens: int, **kw) -> tuple[str, float, float, object]:
+    """(text, wall seconds, CPU seconds of this process, Stats) of one greedy generation."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = model.generate(prompt, max_new_tokens=new_tokens, temperature=0, reuse_cache=False, **kw)
-    return out, time.perf_counter() - t0, model.last_stats
+    return out, time.perf_counter() - t0, time.process_time() - c0, model.last_stats
 
 
 def lookup(path: str, new_tokens: int, drafts: list[int], ngram: int, runs: int,
@@ -72,13 +74,16 @@ def lookup(path: str, new_tokens: int, drafts: list[int], ngram: int, runs: int,
     for name, prompt in (("story continuation", STORY), ("repeat this text", REPEAT)):
         timed(model, prompt, 8)  # warm up
         base = [timed(model, prompt, new_tokens) for _ in range(runs)]
-        plain_out, plain_s = base[0][0], statistics.median(t for _, t, _ in base)
-        print(f"  {name}: plain {len(model.tokenizer.encode(plain_out))} tokens in {plain_s * 1e3:.0f} ms")
+        plain_out, plain_s, plain_cpu = base[0][0], *(statistics.median(r[i] for r in base) for i in (1, 2))
+        print(f"  {name}: plain {base[0][3].new_tokens} tokens in {plain_s * 1e3:.0f} ms "
+              f"({plain_cpu * 1e3:.0f} ms CPU)")
         for k in drafts:
             res = [timed(model, prompt, new_tokens, prompt_lookup=ngram, num_draft=k) for _ in range(runs)]
-            out, s, st = res[0][0], statistics.median(t for _, t, _ in res), res[0][2]
+            out, st = res[0][0], res[0][3]
+            s, cpu = (statistics.median(r[i] for r in res) for i in (1, 2))
             line = (f"    --prompt-lookup {ngram} --num-draft {k:2d}: {st.tokens_per_pass:.2f} tokens/pass, "
-                    f"{st.accepted}/{st.drafted} drafts accepted, {s * 1e3:.0f} ms, speed-up {plain_s / s:.2f}x, "
+                    f"{st.accepted}/{st.drafted} drafts accepted, {s * 1e3:.0f} ms ({cpu * 1e3:.0f} ms CPU), "
+                    f"speed-up {plain_s / s:.2f}x (CPU {plain_cpu / cpu:.2f}x), "
                     f"{'identical' if out == plain_out else 'DIFFERENT'}")
             if costs:
                 per_pass = cost_at(costs, 1 + st.drafted / st.forward_passes)
@@ -102,7 +107,10 @@ def main(argv=None) -> int:
     p.add_argument("--ngram", type=int, default=3)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--costs", metavar="FILE", help="a `positions --save` table, for the size estimate")
+    ap.add_argument("--threads", type=int, help="threads for tiles and BLAS (default: all cores)")
     opts = ap.parse_args(argv)
+    if opts.threads:
+        set_num_threads(opts.threads)
     if opts.mode == "positions":
         t0 = time.perf_counter()
         model = Llama2.from_pretrained(opts.checkpoint)
