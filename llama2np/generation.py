@@ -7,6 +7,11 @@ a row still inside its (longer) prompt keeps its prompt token instead of the
 sampled one. Every row has its own random generator, stopping rule and text
 decoder, so its tokens are those it would get alone. Rows that finish are
 dropped from the batch (and from the KV cache) so they cost nothing more.
+
+A single prompt, and every row when decoding speculatively, goes through
+``drafting.decode_row`` instead: one sequence through a ``PrefixCache`` (the
+model's kept one for a single prompt, so a shared prefix is not recomputed),
+with or without drafts; without them it takes exactly the steps above.
 """
 
 from __future__ import annotations

@@ -282,3 +282,18 @@ def test_speculative_bench_runs(tmp_path):
                                    "--costs", str(costs)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("identical") == 2 and "DIFFERENT" not in proc.stdout, proc.stdout
+
+
+def test_cli_prompt_lookup_and_draft_model_print_the_same_text_and_their_counts(capsys):
+    from llama2np.cli import main
+    bin_, tok = shared_path("stories260K", "stories260K.bin"), shared_path("stories260K", "tok512.model")
+    base = ["generate", "--model", str(bin_), "--tokenizer", str(tok), "--prompt", REPEAT, "--temperature", "0",
+            "--max-new-tokens", "40"]
+    assert main(base) == 0
+    plain_out = capsys.readouterr().out
+    for extra in (["--prompt-lookup", "2", "--num-draft", "3"], ["--draft-model", str(bin_)]):
+        assert main(base + extra) == 0
+        out, err = capsys.readouterr()
+        assert out == plain_out and "forward passes" in err and "tokens/pass" in err and "accepted" in err
+    assert main(base + ["--num-draft", "2"]) == 2
+    assert "num_draft needs a drafter" in capsys.readouterr().err
