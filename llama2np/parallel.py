@@ -5,27 +5,26 @@ matrix product, GEMV (decoding) or GEMM (prefill), which is all a float
 model's forward pass needs. Weights stored narrower (bf16, int8) are widened
 tile by tile with NumPy ufuncs, which BLAS cannot thread: ``run_parallel``
 spreads those tiles over our own threads (NumPy releases the GIL inside
-ufuncs and matmul), each asking for one BLAS thread (``blas_threads(1)``).
+ufuncs and ``np.dot``), each asking for one BLAS thread (``blas_threads(1)``).
 
 The two must not run at once: measured on a 2-core VM, OpenBLAS's threads
 keep spinning for ~0.1 s after their last call, and our threads running then
 get half the memory bandwidth. So a forward pass picks one kind for all its
-thin multiplies (see ``Transformer.forward``).
+multiplies (see ``Transformer.forward``).
 
-BLAS control needs no extra dependency: it calls OpenBLAS's
-``*_set_num_threads`` through ctypes when NumPy's BLAS is OpenBLAS, and is a
-no-op otherwise.
+BLAS's thread count is set through ``threadpoolctl``, which finds the BLAS
+library NumPy loaded (OpenBLAS, MKL or BLIS, on any OS). Setting it is cached:
+a forward pass that keeps the count asks nothing of the library.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
-import numpy as np  # noqa: F401  (NumPy must be loaded so its BLAS shows up in the process maps)
+import numpy as np  # noqa: F401  (NumPy must be loaded so threadpoolctl finds its BLAS)
 
 
 def _cpu_count() -> int:
@@ -72,38 +71,21 @@ def run_parallel(work: Callable[[Sequence], None], chunks: Sequence[Sequence]) -
 
 # --- BLAS threads -----------------------------------------------------------------------
 
-_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-            "openblas_set_num_threads64_", "openblas_set_num_threads")
-
-
-def _find_openblas_setter() -> Callable[[int], None] | None:
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
-    except OSError:  # not Linux: leave BLAS alone
-        return None
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in _SETTERS:
-            setter = getattr(lib, name, None)
-            if setter is not None:
-                setter.argtypes, setter.restype = [ctypes.c_int], None
-                return setter
-    return None
-
-
-_setter = _find_openblas_setter()
+_blas = None  # threadpoolctl's controller of the BLAS libraries loaded in this process
 _blas_current = None
 
 
 def _blas_set(n: int) -> None:
-    global _blas_current
-    if _setter is not None and n != _blas_current:
-        _setter(n)
-        _blas_current = n
+    """Ask every loaded BLAS library (OpenBLAS, MKL, BLIS: whichever NumPy uses) for ``n`` threads."""
+    global _blas, _blas_current
+    if n == _blas_current:
+        return
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas = ThreadpoolController().select(user_api="blas")
+    _blas.limit(limits=n)
+    _blas_current = n
 
 
 @contextmanager

@@ -222,3 +222,16 @@ def test_quantize_refuses_a_non_empty_out_dir_and_a_foreign_int8_config(tmp_path
     (out / "llama2np.json").write_text(json.dumps({**config, "format": "something-else"}))
     with pytest.raises(CheckpointError, match="format"):
         Llama2.from_pretrained(out)
+
+
+def test_blas_threads_sets_the_blas_library_and_restores_it():
+    from threadpoolctl import threadpool_info
+
+    def blas():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    if not blas():
+        pytest.skip("NumPy's BLAS is not one threadpoolctl controls")
+    with parallel.blas_threads(1):
+        assert blas() == {1}
+    assert blas() == {parallel.num_threads()}
