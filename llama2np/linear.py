@@ -10,6 +10,7 @@ one call computes all outputs side by side and ``split`` separates them.
 - A bf16 weight stays bf16 (half the memory, usually a memory map; stacked
   parts are *not* copied) and is widened a tile of rows at a time into a reused
   per-thread buffer, so no weight-sized float32 (or float64) copy ever exists.
+  Under float64 compute an fp16 weight is widened tile by tile too.
 - ``Int8Linear`` holds int8 weights with one float scale per output row and
   widens them tile by tile in the same way.
 
@@ -65,13 +66,17 @@ class Linear:
 
     def __init__(self, weights: np.ndarray | Sequence[np.ndarray], dtype: np.dtype):
         parts = self._describe(weights, dtype)
-        self.tiled = all(is_bf16(w) for w in parts) and self.dtype in TILED_DTYPES
+        bf16 = all(is_bf16(w) for w in parts)
+        # fp16 under float64: a float64 copy would be 4x the checkpoint (7B: 54 GB); NumPy's
+        # fp16 cast is slow (~1 G values/s), so under float32 fp16 is converted once as before
+        fp16 = all(w.dtype == np.float16 for w in parts) and self.dtype == np.float64
+        self.tiled = (bf16 or fp16) and self.dtype in TILED_DTYPES
         if self.tiled:
             self.parts = parts
             # adjacent bf16 pairs as one uint32
             # (needs an even in_features and contiguous rows; else whole rows are widened with a cast)
-            self._paired = self.in_features % 2 == 0 and all(w.strides[-1] == w.itemsize for w in parts)
-            self._stored = [w.view(np.uint32) if self._paired else w.view(np.uint16) for w in parts]
+            self._paired = bf16 and self.in_features % 2 == 0 and all(w.strides[-1] == w.itemsize for w in parts)
+            self._stored = [w.view(np.uint32) if self._paired else w.view(np.uint16) if bf16 else w for w in parts]
         else:
             floats = [to_float(w, self.dtype) for w in parts]
             self.weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
@@ -179,10 +184,15 @@ class Linear:
             np.dot(w, x, out=y[c0:c1])
 
     def _widen(self, stored: np.ndarray, out: np.ndarray) -> None:
-        """Stored rows (bf16 bits as uint16) into ``out`` in the compute dtype (whole rows at once)."""
-        bits = _buffer("bits", out.shape, np.uint32)[: out.shape[0]]
+        """Stored rows into ``out`` in the compute dtype, whole rows at once: bf16 bits (uint16) are
+        shifted into a float32's high half; fp16 and int8 are cast."""
+        if stored.dtype != np.uint16:
+            np.copyto(out, stored, casting="unsafe")
+            return
+        bits = out.view(np.uint32) if out.dtype == np.float32 else _buffer("bits", out.shape, np.uint32)
         np.left_shift(stored, _SHIFT, out=bits, dtype=np.uint32)
-        np.copyto(out, bits.view(np.float32))
+        if out.dtype != np.float32:
+            np.copyto(out, bits.view(np.float32))
 
 
 class QuantizedTensor:
@@ -222,9 +232,6 @@ class Int8Linear(Linear):
         self.scale = np.concatenate([w.scale for w in quantized]).astype(self.dtype)  # (out_features,)
         self.tiled, self._paired = True, False
         self._plans: dict[int, list] = {}
-
-    def _widen(self, stored: np.ndarray, out: np.ndarray) -> None:
-        np.copyto(out, stored, casting="unsafe")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = super().__call__(x)

@@ -90,12 +90,17 @@ def test_bf16_tiles_that_cannot_be_read_as_pairs_are_widened_whole(rows, layout,
 
 @pytest.mark.parametrize("rows", [1, 3, 30])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_bf16_weights_widen_tile_by_tile_to_float64(rows, threads, monkeypatch):
-    """float64 compute keeps bf16 weights bf16 and widens tiles (no float64 copy of the matrix)."""
+@pytest.mark.parametrize("storage", ["bf16", "fp16"])
+def test_16_bit_weights_widen_tile_by_tile_to_float64(rows, threads, storage, monkeypatch):
+    """float64 compute keeps bf16/fp16 weights as stored and widens tiles (no float64 copy of the matrix)."""
     monkeypatch.setattr(linear_mod, "TILE_ELEMENTS", 7 * 64)
     monkeypatch.setattr(linear_mod, "BIG_TILE_ELEMENTS", 9 * 64)
-    parts = [float32_to_bf16(rng.standard_normal((n, 64)).astype(np.float32)) for n in (40, 23)]
-    exact = np.concatenate([bf16_to_float32(p) for p in parts]).astype(np.float64)
+    if storage == "bf16":
+        parts = [float32_to_bf16(rng.standard_normal((n, 64)).astype(np.float32)) for n in (40, 23)]
+        exact = np.concatenate([bf16_to_float32(p) for p in parts]).astype(np.float64)
+    else:
+        parts = [rng.standard_normal((n, 64)).astype(np.float16) for n in (40, 23)]
+        exact = np.concatenate(parts).astype(np.float64)
     x = rng.standard_normal((rows, 64))
     parallel.set_num_threads(threads)
     try:
@@ -235,3 +240,19 @@ def test_blas_threads_sets_the_blas_library_and_restores_it():
     with parallel.blas_threads(1):
         assert blas() == {1}
     assert blas() == {parallel.num_threads()}
+
+
+@pytest.mark.parametrize("storage", ["bf16", "fp16"])
+def test_float64_model_from_16_bit_weights_widens_tiles_and_matches_a_float64_copy(storage):
+    """Issue 15 item 4: float64 logits of a bf16/fp16 checkpoint without a float64 copy of any matrix."""
+    from tiny_model import tiny_args, tiny_state
+
+    args = tiny_args()
+    state = tiny_state(args)
+    stored = {k: float32_to_bf16(v) if storage == "bf16" else v.astype(np.float16) for k, v in state.items()}
+    widened = {k: (bf16_to_float32(v) if storage == "bf16" else v).astype(np.float64) for k, v in stored.items()}
+    tiled, copy = Transformer(args, stored, "float64"), Transformer(args, widened, "float64")
+    assert all(m.tiled for m in tiled.linears()) and not any(m.tiled for m in copy.linears())
+    assert all(p.dtype.itemsize == 2 for m in tiled.linears() for p in m.parts)
+    tokens = np.array([[1, 17, 42, 5, 99, 3]])
+    np.testing.assert_allclose(tiled.forward(tokens), copy.forward(tokens), rtol=1e-12, atol=1e-12)
