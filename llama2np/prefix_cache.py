@@ -28,8 +28,8 @@ from .progress import layer_callback
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two id sequences."""
     n = min(len(a), len(b))
-    if n == 0:
-        return 0
+    if n == 0 or list(a[:n]) == list(b[:n]):  # the usual case while decoding, compared at C speed
+        return n
     differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(differ[0]) if differ.size else n
 
@@ -60,9 +60,10 @@ class PrefixCache:
         on_layer = None  # a progress bar for long or first prefills only, never for decode / verify steps
         if len(ids) - start > 64 or not self.ids:
             on_layer = layer_callback(self.model.args.n_layers, len(ids) - start, getattr(self.model, "progress", None))
+        # positions >= start are about to change: forget them first, in case the forward is interrupted
+        self.ids, self._n_logits = self.ids[:start], min(self._n_logits, start)
         logits = self.model.forward(np.asarray(ids[start:], dtype=np.int64)[None], start, self.cache, on_layer)[0]
         self.ids = [int(t) for t in ids]
-        self._n_logits = min(self._n_logits, start)
         return start, logits
 
     def all_logits(self, ids: Sequence[int]) -> tuple[int, np.ndarray]:

@@ -297,3 +297,22 @@ def test_cli_prompt_lookup_and_draft_model_print_the_same_text_and_their_counts(
         assert out == plain_out and "forward passes" in err and "tokens/pass" in err and "accepted" in err
     assert main(base + ["--num-draft", "2"]) == 2
     assert "num_draft needs a drafter" in capsys.readouterr().err
+
+
+def test_an_interrupted_forward_leaves_no_stale_prefix(monkeypatch):
+    monkeypatch.setattr(generation, "LLAMA_EOS", -1)
+    model = tiny_model()
+    ids = [1, 17, 40, 8, 99, 5, 6, 12]
+    model.generate(ids, max_new_tokens=2, temperature=0)  # keeps ids[:8] and one new token
+    real = model.model.forward
+
+    def interrupted(tokens, start_pos=0, cache=None, *args, **kw):
+        cache.k[:, :, :, start_pos:] = 7.0  # half-written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model.model, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(ids[:3] + [250], max_new_tokens=3, temperature=0)  # overwrites positions >= 3
+    monkeypatch.setattr(model.model, "forward", real)
+    assert model.generate(ids, max_new_tokens=6, temperature=0) == \
+        model.generate(ids, max_new_tokens=6, temperature=0, reuse_cache=False)
