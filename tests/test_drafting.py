@@ -81,15 +81,19 @@ def test_prompt_lookup_and_draft_model_greedy_on_the_demo_model(demo):
         assert demo.last_stats.accepted > 0
 
 
-def test_random_model_with_a_fewer_layer_draft(monkeypatch):
+@pytest.mark.parametrize("storage", ["float32", "bf16"])  # bf16: the tiled path 7B decodes through
+def test_random_model_with_a_fewer_layer_draft(monkeypatch, storage):
+    from llama2np.tensors import float32_to_bf16
     monkeypatch.setattr(generation, "LLAMA_EOS", -1)
     args = tiny_args(max_seq_len=64)
     deep = type(args)(**{**args.to_params(), "n_layers": 4})
     state = tiny_state(deep, seed=5)
+    if storage == "bf16":
+        state = {k: float32_to_bf16(v) if v.ndim == 2 else v for k, v in state.items()}
     target = Llama2(Transformer(deep, state))
     draft = Llama2(Transformer(args, state))  # its first two layers
     rng = np.random.default_rng(0)
-    for _ in range(12):
+    for _ in range(7):
         prompt = [1] + rng.integers(3, args.vocab_size, size=int(rng.integers(1, 20))).tolist()
         n = int(rng.integers(1, 40))
         for kw in ({}, dict(repetition_penalty=1.3, logit_bias={7: 2.0}), dict(presence_penalty=0.5)):
@@ -175,12 +179,12 @@ def test_draft_model_sampling_keeps_the_models_distribution(small_vocab, monkeyp
     target, draft = small_vocab
     prompt = [1, 5, 9]
     exact = exact_marginals(target, prompt, 1.3, 8)
-    for counts, probs in zip(sampled_marginals(target, prompt, 1500, draft_model=draft, num_draft=2), exact):
+    for counts, probs in zip(sampled_marginals(target, prompt, 1000, draft_model=draft, num_draft=2), exact):
         assert chi2_excess(counts, probs) < 1
     assert 0.15 * target.drafted < target.accepted < 0.85 * target.drafted  # both branches taken often
     # the bound has teeth: accepting every draft token (the draft's distribution) fails it
     monkeypatch.setattr(drafting, "accept", lambda p_x, q_x, rng: rng.random() < 2)
-    wrong = sampled_marginals(target, prompt, 1500, draft_model=draft, num_draft=2)
+    wrong = sampled_marginals(target, prompt, 500, draft_model=draft, num_draft=2)
     assert max(chi2_excess(c, p) for c, p in zip(wrong, exact)) > 1
 
 
@@ -188,12 +192,12 @@ def test_prompt_lookup_sampling_keeps_the_models_distribution(small_vocab, monke
     target, _ = small_vocab
     prompt = [1, 10, 7, 10, 7, 10]  # after 7 or 10 the lookup drafts "10 7" or "7 10"; about half is kept
     exact = exact_marginals(target, prompt, 1.3, 8)
-    for counts, probs in zip(sampled_marginals(target, prompt, 1500, prompt_lookup=1, num_draft=2), exact):
+    for counts, probs in zip(sampled_marginals(target, prompt, 1000, prompt_lookup=1, num_draft=2), exact):
         assert chi2_excess(counts, probs) < 1
     assert 0.15 * target.drafted < target.accepted < 0.85 * target.drafted
     # accepting a copied token with probability p(x) and not resampling it afterwards is wrong
     monkeypatch.setattr(drafting, "accept", lambda p_x, q_x, rng: rng.random() < math.sqrt(p_x))
-    wrong = sampled_marginals(target, prompt, 1500, prompt_lookup=1, num_draft=2)
+    wrong = sampled_marginals(target, prompt, 500, prompt_lookup=1, num_draft=2)
     assert max(chi2_excess(c, p) for c, p in zip(wrong, exact)) > 1
 
 
