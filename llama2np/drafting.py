@@ -49,14 +49,19 @@ class PromptLookup:
                 prompt: Sequence[int], new_ids: Sequence[int]) -> tuple[list[int], np.ndarray | None]:
         """Up to k draft ids after ``ids``, and None for q: a copied token is a point mass."""
         seq = np.asarray(ids, dtype=np.int64)
-        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
-            # windows over seq[:-1] end before the last token, so each one has a continuation
-            windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # (len - n, n)
-            hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
-            if hits.size:
-                at = int(hits[-1]) + n
-                return seq[at:at + k].tolist(), None
-        return [], None
+        ends = np.flatnonzero(seq[:-1] == seq[-1])  # earlier occurrences of the last token
+        if ends.size == 0:
+            return [], None
+        # how far back (up to max_ngram) each occurrence matches the sequence's end
+        matched = np.ones(ends.size, dtype=np.int64)
+        alive = np.ones(ends.size, dtype=bool)
+        for back in range(1, min(self.max_ngram, len(seq) - 1)):
+            before = ends - back
+            alive &= before >= 0
+            alive[alive] = seq[before[alive]] == seq[-1 - back]
+            matched += alive
+        at = int(ends[np.flatnonzero(matched == matched.max())[-1]]) + 1  # longest match, latest of those
+        return seq[at:at + k].tolist(), None
 
 
 class DraftModel:

@@ -10,8 +10,10 @@ through the KV cache (after a prefill), median of ``--runs``: the price of
 checking a K-token draft (K + 1 positions) against a plain decode step.
 ``--save FILE`` writes the table as JSON.
 
-``lookup``: for each model, greedy decoding of a story-continuation prompt and of
-a "repeat this text" prompt, plain and with ``prompt_lookup`` (several draft
+``lookup``: for each model, greedy decoding of a story-continuation prompt, of
+a "repeat this text" prompt (a text twice, then its start), and of "retell its
+own story" (the model's own greedy story in the prompt, then the story's first
+sentence again: text it will copy), plain and with ``prompt_lookup`` (several draft
 lengths), in the same run: tokens per forward pass, accepted drafts, wall time,
 speed-up, and whether the tokens are identical (they must be). With ``--costs``
 (a ``positions`` table) it also estimates the speed-up at that model's size: each
@@ -71,7 +73,10 @@ def lookup(path: str, new_tokens: int, drafts: list[int], ngram: int, runs: int,
            costs: dict[int, float] | None) -> None:
     model = Llama2.from_pretrained(path)
     print(f"\n{path}: dim {model.args.dim}, {model.args.n_layers} layers, vocab {model.args.vocab_size}")
-    for name, prompt in (("story continuation", STORY), ("repeat this text", REPEAT)):
+    # input-grounded text the model can copy: its own story in the prompt, then the story's start again
+    own = STORY + model.generate(STORY, max_new_tokens=new_tokens, temperature=0, reuse_cache=False)
+    for name, prompt in (("story continuation", STORY), ("repeat this text", REPEAT),
+                         ("retell its own story", f"{own}\n{STORY}")):
         timed(model, prompt, 8)  # warm up
         base = [timed(model, prompt, new_tokens) for _ in range(runs)]
         plain_out, plain_s, plain_cpu = base[0][0], *(statistics.median(r[i] for r in base) for i in (1, 2))

@@ -285,7 +285,7 @@ def test_speculative_bench_runs(tmp_path):
     proc = subprocess.run(bench + ["lookup", str(DEMO), "--new-tokens", "6", "--runs", "1", "--num-draft", "2",
                                    "--costs", str(costs)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("identical") == 2 and "DIFFERENT" not in proc.stdout, proc.stdout
+    assert proc.stdout.count("identical") == 3 and "DIFFERENT" not in proc.stdout, proc.stdout
 
 
 def test_cli_prompt_lookup_and_draft_model_print_the_same_text_and_their_counts(capsys):
@@ -320,3 +320,19 @@ def test_an_interrupted_forward_leaves_no_stale_prefix(monkeypatch):
     monkeypatch.setattr(model.model, "forward", real)
     assert model.generate(ids, max_new_tokens=6, temperature=0) == \
         model.generate(ids, max_new_tokens=6, temperature=0, reuse_cache=False)
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():
+    def brute(ids, n_max, k):  # the definition, spelled out
+        for n in range(min(n_max, len(ids) - 1), 0, -1):
+            for start in range(len(ids) - 1 - n, -1, -1):  # latest first; must end before the last token
+                if ids[start:start + n] == ids[-n:]:
+                    return ids[start + n:start + n + k]
+        return []
+
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        ids = rng.integers(0, 4, size=int(rng.integers(1, 30))).tolist()
+        n_max, k = int(rng.integers(1, 5)), int(rng.integers(1, 6))
+        assert drafting.PromptLookup(n_max).propose(ids, k, None, None, [], [])[0] == brute(ids, n_max, k), ids
+    assert drafting.PromptLookup(3).propose([5, 1, 2, 3, 9, 2, 3, 7, 1, 2, 3], 4, None, None, [], [])[0] == [9, 2, 3, 7]
