@@ -43,12 +43,13 @@ against llama.cpp's ``convert_hf_to_gguf.py`` and ``gguf-py``:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
 from ..linear import TILE_ELEMENTS, release_pages
+from ..parallel import num_threads, run_parallel
 from ..tensors import BF16, float32_to_bf16
 from .common import LazyStateDict, make_args
 
@@ -168,9 +169,15 @@ def _maker(gguf, tensor) -> tuple[Callable[[], np.ndarray], tuple[int, ...], np.
         blocks = data.reshape(-1, data.shape[-1])  # (rows, bytes per row)
         out = np.empty((blocks.shape[0], shape[-1]), dtype=np.uint16)  # (rows, columns) bf16 bits
         step = max(1, TILE_ELEMENTS // shape[-1])
-        for r0 in range(0, blocks.shape[0], step):
-            floats = gguf.quants.dequantize(blocks[r0:r0 + step], qtype)  # (step, columns) float32
-            out[r0:r0 + step] = float32_to_bf16(floats).view(np.uint16)
+        starts = range(0, blocks.shape[0], step)
+
+        def work(tiles: Sequence[int]) -> None:  # NumPy releases the GIL: tiles spread over our threads
+            for r0 in tiles:
+                floats = gguf.quants.dequantize(blocks[r0:r0 + step], qtype)  # (step, columns) float32
+                out[r0:r0 + step] = float32_to_bf16(floats).view(np.uint16)
+
+        n = max(1, min(num_threads(), len(starts)))
+        run_parallel(work, [starts[i::n] for i in range(n)])
         release_pages(data)
         return out.view(BF16).reshape(shape)
 
