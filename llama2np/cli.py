@@ -290,6 +290,8 @@ def cmd_logits(args) -> int:
     check_output_path(out, "--out", (".npy", ".npz"))
     if args.prompt is not None:
         check_utf8(args.prompt, "--prompt")
+    if args.prompts is not None:
+        return _logits_of_many(args, out)
     ids = None
     if args.ids is not None:
         ids = _parse_ids(args.ids)
@@ -302,6 +304,20 @@ def cmd_logits(args) -> int:
     else:
         write_atomically(out, "--out", lambda f: np.save(f, logits))
     _say(f"wrote {out}: logits {logits.shape} {logits.dtype} for ids {ids}")
+    return 0
+
+
+def _logits_of_many(args, out: Path) -> int:
+    from .logits_file import read_prompts, write_logits_npz
+
+    if out.suffix != ".npz":
+        raise InputError(f"--out {out}: --prompts writes one .npz (ids, offsets, logits, logprobs)")
+    model = load_model(args, text=False)
+    prompts = read_prompts(args.prompts, lambda text: model.tokenizer.encode(text, bos=True), model.check_ids)
+    rows = []
+    write_atomically(out, "--out", lambda f: rows.append(write_logits_npz(model, prompts, f)))
+    _say(f"wrote {out}: {len(prompts)} prompts, {rows[0]} positions of {model.args.vocab_size} "
+         f"{model.model.dtype} logits and log-probabilities")
     return 0
 
 
@@ -420,10 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logits", help="dump next-token logits to .npy / .npz",
                        description="Write the logits of every position, (seq, vocab), for golden tests of other "
-                                   "engines. .npz also stores the ids.")
+                                   "engines (--dtype float64 for reference-grade ones). .npz also stores the ids; "
+                                   "--prompts writes many prompts into one .npz.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="text, tokenized with BOS")
     src.add_argument("--ids", metavar='"1 2 3"', help="token ids, space separated")
+    src.add_argument("--prompts", metavar="FILE.jsonl", help='many prompts, one JSON per line: "text", '
+                     '{"text": ...}, {"ids": [...]} or [ids]; writes one .npz with ids, offsets, logits and '
+                     "logprobs, streamed to disk")
     p.add_argument("--out", required=True, metavar="FILE", help="output file, .npy or .npz")
     _model_options(p)
     p.set_defaults(run=cmd_logits)

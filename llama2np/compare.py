@@ -94,6 +94,9 @@ def read_logits_npz(path: str | Path, vocab_size: int, max_seq_len: int | None =
             if missing:
                 raise InputError(f"{path}: missing array(s) {', '.join(missing)} (expected ids (n,) and "
                                  f"logits (n, vocab); found {', '.join(z.files) or 'none'})")
+            if "offsets" in z.files and len(z["offsets"]) > 2:
+                raise InputError(f"{path}: holds {len(z['offsets']) - 1} prompts (a logits --prompts file); "
+                                 "compare takes one sequence per file")
             ids, logits = z["ids"], z["logits"]
     except (OSError, ValueError) as e:  # not a zip / npy, or an object array
         raise InputError(f"{path}: not a readable .npz of ids and logits ({e})") from None
