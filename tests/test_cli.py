@@ -55,7 +55,7 @@ class Recorder:
     (["generate", "--temperature", "warm"], "invalid float value"),
     (["frobnicate"], "invalid choice"),
     ([], "choose a command"),
-    (["logits", "--out", "x.npy"], "one of the arguments --prompt --ids is required"),
+    (["logits", "--out", "x.npy"], "one of the arguments --prompt --ids --prompts is required"),
 ])
 def test_usage_errors_are_one_line_exit_2(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
