@@ -3,7 +3,7 @@
 
     python scripts/bench.py --shape 110m --compare-hf
     python scripts/bench.py --shape 1b --prompt-len 512 --new-tokens 16
-    python scripts/bench.py /work/synth/7b-meta --new-tokens 8 --runs 1 --compare-hf
+    python scripts/bench.py /tmp/synth/7b-meta --prompt-len 16,128 --new-tokens 8 --runs 1 --compare-hf
     python scripts/bench.py /work/synth/13b-hf --quantize int8 --new-tokens 8 --runs 1
     python scripts/bench.py --speculative positions|lookup ...   (scripts/bench_speculative.py)
 
@@ -145,20 +145,24 @@ def _linear_params(model: Transformer) -> int:
     return sum(lin.out_features * lin.in_features for lin in model.linears())
 
 
-def run_llama2np(model: Transformer, prompt: np.ndarray, new_tokens: int, runs: int, profile: bool) -> dict:
-    """Median prefill and decode-step seconds; bandwidth and sgemm are measured between the runs
-    (in a child process), so a machine shared with other jobs loads both sides of each ratio alike."""
-    prefill, decode, bandwidth, gemm = [], [], [], []
+def run_llama2np(model: Transformer, prompts: list[np.ndarray], new_tokens: int, runs: int, profile: bool) -> dict:
+    """Median prefill seconds of each prompt, the first call's seconds, and the median decode-step
+    seconds (after the longest prompt); bandwidth and sgemm are measured between the runs (in a child
+    process), so a machine shared with other jobs loads both sides of each ratio alike."""
+    prefill, decode, bandwidth, gemm = [[] for _ in prompts], [], [], []
     a = model.args
-    model.forward(prompt[None, :1], 0, model.new_cache(1, 1))  # warm-up: a memory-mapped checkpoint is read once
+    t0 = time.perf_counter()
+    model.forward(prompts[0][None, :1], 0, model.new_cache(1, 1))  # a memory-mapped checkpoint is read now
+    first_s = time.perf_counter() - t0
     for _ in range(runs):
         machine = measure_machine(num_threads(), weight_bytes_per_token(model), a.dim, a.ffn_hidden_dim)
         bandwidth.append(machine["bandwidth"])
         gemm.append(machine["sgemm"])
-        cache = model.new_cache(1, len(prompt) + new_tokens)
-        t0 = time.perf_counter()
-        logits = model.forward(prompt[None], 0, cache)
-        prefill.append(time.perf_counter() - t0)
+        for times, prompt in zip(prefill, prompts):
+            cache = model.new_cache(1, len(prompt) + new_tokens)
+            t0 = time.perf_counter()
+            logits = model.forward(prompt[None], 0, cache)
+            times.append(time.perf_counter() - t0)
         token, steps = int(logits[0, -1].argmax()), []
         for i in range(new_tokens):
             t0 = time.perf_counter()
@@ -178,8 +182,8 @@ def run_llama2np(model: Transformer, prompt: np.ndarray, new_tokens: int, runs: 
             model.forward(np.array([[token]]), len(prompt) + i, cache)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(14)
-    return {"prefill_s": float(np.median(prefill)), "decode_s": float(np.median(decode)),
-            "bandwidth": float(np.median(bandwidth)), "sgemm": float(np.median(gemm))}
+    return {"prefill_s": [float(np.median(t)) for t in prefill], "decode_s": float(np.median(decode)),
+            "first_s": first_s, "bandwidth": float(np.median(bandwidth)), "sgemm": float(np.median(gemm))}
 
 
 # --- Hugging Face transformers on the same weights, in a child process --------------------
@@ -210,19 +214,24 @@ def hf_worker(spec: dict) -> dict:
     model.load_state_dict(hf_state(args, state, dtype), assign=True, strict=False)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers were left on "meta"
     model.eval()
-    prompt = torch.tensor(np.asarray(spec["prompt"]))[None]
-    n, times = spec["new_tokens"], {1: [], spec["new_tokens"] + 1: []}
+    prompts = [torch.tensor(np.asarray(p))[None] for p in spec["prompts"]]
+    n = spec["new_tokens"]
+
+    def generate(prompt, k: int) -> float:
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                       attention_mask=torch.ones_like(prompt), pad_token_id=0)
+        return time.perf_counter() - t0
+
     with torch.inference_mode():
-        model.generate(prompt, max_new_tokens=2, do_sample=False, attention_mask=torch.ones_like(prompt),
-                       pad_token_id=0)  # warm-up
+        generate(prompts[0], 2)  # warm-up
+        prefill, longest = [[] for _ in prompts], []
         for _ in range(spec["runs"]):
-            for k in times:
-                t0 = time.perf_counter()
-                model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False,
-                               attention_mask=torch.ones_like(prompt), pad_token_id=0)
-                times[k].append(time.perf_counter() - t0)
-    t1, tn = float(np.median(times[1])), float(np.median(times[n + 1]))
-    return {"prefill_s": t1, "decode_s": (tn - t1) / n,
+            for times, prompt in zip(prefill, prompts):
+                times.append(generate(prompt, 1))
+            longest.append(generate(prompts[-1], n + 1))
+    prefill_s = [float(np.median(t)) for t in prefill]
+    return {"prefill_s": prefill_s, "decode_s": (float(np.median(longest)) - prefill_s[-1]) / n,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -255,10 +264,10 @@ def hf_state(args: ModelArgs, state, dtype) -> dict:
     return hf
 
 
-def run_hf(opts, prompt: np.ndarray) -> dict | None:
+def run_hf(opts, prompts: list[np.ndarray]) -> dict | None:
     spec = {"checkpoint": opts.checkpoint, "shape": opts.shape, "storage": opts.storage, "seed": opts.seed,
             "hf_dtype": "bf16" if opts.storage == "bf16" or opts.checkpoint and opts.hf_bf16 else opts.compute,
-            "threads": opts.threads, "prompt": prompt.tolist(), "new_tokens": opts.new_tokens, "runs": opts.runs}
+            "threads": opts.threads, "prompts": [p.tolist() for p in prompts], "new_tokens": opts.new_tokens, "runs": opts.runs}
     try:
         out = _child("--hf-worker", spec)
     except RuntimeError as e:
@@ -281,7 +290,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "float64", "bf16"], default="float32",
                     help="compute dtype; bf16: random weights stored bf16, computed in float32")
     ap.add_argument("--quantize", choices=["int8"], help="weight-only quantisation at load")
-    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--prompt-len", default="32", metavar="N[,N...]",
+                    help="prompt length(s) to time prefill at; decode follows the last")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=num_threads())
@@ -306,35 +316,38 @@ def main(argv=None) -> int:
 
     model, load_s = load(opts)
     args = model.args
-    prompt = np.random.default_rng(opts.seed + 1).integers(3, args.vocab_size, opts.prompt_len)
-    res = run_llama2np(model, prompt, opts.new_tokens, opts.runs, opts.profile)
+    lens = [int(n) for n in opts.prompt_len.split(",")]
+    prompts = [np.random.default_rng(opts.seed + 1).integers(3, args.vocab_size, n) for n in lens]
+    res = run_llama2np(model, prompts, opts.new_tokens, opts.runs, opts.profile)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    per_token = weight_bytes_per_token(model) + kv_bytes_per_token(model, opts.prompt_len + opts.new_tokens / 2)
+    per_token = weight_bytes_per_token(model) + kv_bytes_per_token(model, lens[-1] + opts.new_tokens / 2)
     bandwidth, gemm = res["bandwidth"], res["sgemm"]
     bound = bandwidth / per_token
-    decode_tps, prefill_tps = 1 / res["decode_s"], opts.prompt_len / res["prefill_s"]
-    prefill_gflops = prefill_flops(model, opts.prompt_len) / res["prefill_s"] / 1e9
+    decode_tps = 1 / res["decode_s"]
 
     what = opts.checkpoint or f"{opts.shape} random"
     print(f"model      {what}: dim {args.dim}, {args.n_layers} layers, {args.n_heads}/{args.n_kv_heads} heads, "
           f"hidden {args.ffn_hidden_dim}, vocab {args.vocab_size}; {opts.dtype} "
           f"{'+ ' + opts.quantize if opts.quantize else ''}; threads {opts.threads}")
-    print(f"load       {load_s:.2f} s; peak RSS {peak_rss / GiB:.2f} GiB")
-    print(f"prefill    {opts.prompt_len} tokens: {prefill_tps:.1f} tok/s, {prefill_gflops:.1f} GFLOP/s "
-          f"= {prefill_gflops / gemm:.0%} of measured sgemm {gemm:.1f} GFLOP/s "
-          f"(512x{args.dim}x{args.ffn_hidden_dim})")
+    print(f"load       {load_s:.2f} s, then the first call (1 token, cold) {res['first_s']:.2f} s: "
+          f"{load_s + res['first_s']:.1f} s to the first token; peak RSS {peak_rss / GiB:.2f} GiB")
+    for n, t in zip(lens, res["prefill_s"]):
+        gflops = prefill_flops(model, n) / t / 1e9
+        print(f"prefill    {n} tokens: {n / t:.1f} tok/s, {gflops:.1f} GFLOP/s = {gflops / gemm:.0%} of measured "
+              f"sgemm {gemm:.1f} GFLOP/s (512x{args.dim}x{args.ffn_hidden_dim}, {opts.threads} threads)")
     print(f"decode     {decode_tps:.2f} tok/s (median of {opts.runs} runs x {opts.new_tokens} tokens)")
     print(f"bound      {per_token / 1e6:.1f} MB read per token / {bandwidth / 1e9:.1f} GB/s measured read "
           f"bandwidth = {bound:.2f} tok/s; achieved {decode_tps / bound:.0%}")
     if opts.compare_hf:
         del model
         gc.collect()
-        hf = run_hf(opts, prompt)
+        hf = run_hf(opts, prompts)
         if hf:
-            print(f"HF         transformers {hf['hf_dtype']}: prefill {opts.prompt_len / hf['prefill_s']:.1f} tok/s, "
-                  f"decode {1 / hf['decode_s']:.2f} tok/s, peak RSS {hf['peak_rss'] / GiB:.2f} GiB")
-            print(f"ratio      llama2np/HF: decode {hf['decode_s'] / res['decode_s']:.2f}x, "
-                  f"prefill {hf['prefill_s'] / res['prefill_s']:.2f}x")
+            print(f"HF         transformers {hf['hf_dtype']}: prefill "
+                  + ", ".join(f"{n}: {n / t:.1f} tok/s" for n, t in zip(lens, hf["prefill_s"]))
+                  + f"; decode {1 / hf['decode_s']:.2f} tok/s, peak RSS {hf['peak_rss'] / GiB:.2f} GiB")
+            print(f"ratio      llama2np/HF: decode {hf['decode_s'] / res['decode_s']:.2f}x, prefill "
+                  + ", ".join(f"{n}: {h / t:.2f}x" for n, h, t in zip(lens, hf["prefill_s"], res["prefill_s"])))
     return 0
 
 
