@@ -14,12 +14,16 @@ one call computes all outputs side by side and ``split`` separates them.
 - ``Int8Linear`` holds int8 weights with one float scale per output row and
   widens them tile by tile in the same way.
 
-Tiled products run on ``parallel.num_threads()`` threads of ours, each with
-one BLAS thread, for any number of input rows: threads take the next tile as
-they finish one, widen it (NumPy ufuncs, which BLAS cannot thread) and hand it
-to ``np.dot``. ``np.dot`` releases the GIL during BLAS calls; ``np.matmul`` did
-not (measured: two threads of matmul GEMVs ran no faster than one), so the
-hot path uses ``np.dot`` only.
+Products run on ``parallel.num_threads()`` threads of ours, each with one
+BLAS thread, for any number of input rows: threads take the next tile as they
+finish one, widen it (NumPy ufuncs, which BLAS cannot thread) and hand it to
+``np.dot``. Float weights are split the same way in blocks of rows (nothing to
+widen); only small ones (< SPLIT_ELEMENTS) run on the calling thread. ``np.dot``
+releases the GIL during BLAS calls; ``np.matmul`` did not (measured: two
+threads of matmul GEMVs ran no faster than one), so the hot path uses
+``np.dot`` only. BLAS's own threads are not used: on a machine shared with
+other jobs their spinning collapsed (15M decode: 53 tok/s median with two
+OpenBLAS threads, 139 with ours).
 
 bf16 is widened without a casting loop. Two adjacent bf16 values are one
 uint32 ``p`` (little-endian: the even column in the low half); ``p << 16`` is
@@ -47,6 +51,9 @@ TILE_ELEMENTS = 128 * 1024
 #: widened values per tile with more input rows (prefill): each tile's GEMM is long enough to
 #: amortise widening it (measured at 128 input rows: 95-110 % of the 2-thread sgemm rate)
 BIG_TILE_ELEMENTS = 512 * 1024
+#: float weights (nothing to widen) from this many values up are split over our threads in blocks
+#: of this many: measured at 15M / 110M decode, smaller matrices gain less than a hand-off costs
+SPLIT_ELEMENTS = 1024 * 1024
 #: input rows up to which tiles are TILE_ELEMENTS big
 FEW_ROWS = 8
 
@@ -80,7 +87,8 @@ class Linear:
         else:
             floats = [to_float(w, self.dtype) for w in parts]
             self.weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
-            self.parts = [self.weight]
+            self.parts = self._stored = [self.weight]
+            self._paired = False
             if self.weight is not parts[0]:  # a converted copy replaces them: drop their memory-mapped pages
                 for w in parts:
                     release_pages(w)
@@ -109,8 +117,8 @@ class Linear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (..., in_features) -> (..., out_features)
-        if not self.tiled:
-            return x @ self.weight.T
+        if not self.tiled and self.weight.size < SPLIT_ELEMENTS:
+            return x @ self.weight.T  # small: one thread (handing half to another costs more)
         lead = x.shape[:-1]
         x2 = np.asarray(x, dtype=self.dtype).reshape(-1, self.in_features)
         return self._tiled_matmul(x2).reshape(*lead, self.out_features)
@@ -119,7 +127,7 @@ class Linear:
 
     def _tiles(self, n: int) -> tuple[int, list]:
         """Rows per tile for ``n`` input rows, and the tiles: (stored rows, first, end output row)."""
-        elements = TILE_ELEMENTS if n <= FEW_ROWS else BIG_TILE_ELEMENTS
+        elements = SPLIT_ELEMENTS if not self.tiled else TILE_ELEMENTS if n <= FEW_ROWS else BIG_TILE_ELEMENTS
         width = self.in_features // 2 if self._paired else self.in_features  # widened at a time
         rows = max(1, elements // width)
         if rows not in self._plans:
@@ -135,7 +143,8 @@ class Linear:
             xs = [np.ascontiguousarray(x2[:, 0::2]), np.ascontiguousarray(x2[:, 1::2])]
             kernel, width = self._pair_kernel, self.in_features // 2
         else:
-            xs, kernel, width = [x2], self._cast_kernel, self.in_features
+            xs, width = [x2], self.in_features
+            kernel = self._cast_kernel if self.tiled else self._float_kernel
         xs = [x[0] if n == 1 else x.T for x in xs]
         ys = [np.empty((self.out_features,) if n == 1 else (self.out_features, n), self.dtype) for _ in xs]
         queue = iter(tiles)  # shared: each thread takes the next tile when it is done with one
@@ -172,6 +181,12 @@ class Linear:
             if w is not wide32:
                 np.copyto(w, wide32[:k])
             np.dot(w, xo, out=yo[c0:c1])
+
+    def _float_kernel(self, queue, rows: int, width: int, xs: list, ys: list) -> None:
+        """Weights already in the compute dtype: each block of rows times x."""
+        (x,), (y,) = xs, ys
+        for w, c0, c1 in queue:
+            np.dot(w, x, out=y[c0:c1])
 
     def _cast_kernel(self, queue, rows: int, width: int, xs: list, ys: list) -> None:
         """Widen each tile with one cast into the compute dtype, times all of x."""

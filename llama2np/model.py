@@ -397,9 +397,9 @@ class Transformer:
         h = to_float(self.tok_embeddings[tokens], self.dtype)  # (batch, seq, dim)
         rotation = self.rope(start_pos, end)  # (seq, head_dim // 2)
         mask = causal_mask(seqlen, start_pos, self.dtype)
-        # bf16/int8 weights: our threads widen tiles, one BLAS thread each, for any number of rows.
-        # Float weights: BLAS's threads split every GEMV and GEMM (see parallel.py).
-        with blas_threads(1 if self.tiled else None):
+        # Our threads split the weight multiplies (widening bf16/int8 tiles), one BLAS thread each
+        # (see linear.py and parallel.py).
+        with blas_threads(1):
             for i, layer in enumerate(self.layers):
                 ck = cache.k[i] if cache is not None else None
                 cv = cache.v[i] if cache is not None else None

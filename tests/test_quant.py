@@ -256,3 +256,17 @@ def test_float64_model_from_16_bit_weights_widens_tiles_and_matches_a_float64_co
     assert all(p.dtype.itemsize == 2 for m in tiled.linears() for p in m.parts)
     tokens = np.array([[1, 17, 42, 5, 99, 3]])
     np.testing.assert_allclose(tiled.forward(tokens), copy.forward(tokens), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_big_float_weights_split_over_threads_give_the_plain_product(rows, threads, monkeypatch):
+    monkeypatch.setattr(linear_mod, "SPLIT_ELEMENTS", 7 * 30)  # blocks of 7 rows, a ragged last one
+    parts = [rng.standard_normal((n, 30)) for n in (40, 13)]
+    x = rng.standard_normal((1, rows, 30))
+    parallel.set_num_threads(threads)
+    try:
+        got = Linear(parts, np.float64)(x)
+    finally:
+        parallel.set_num_threads(parallel._cpu_count())
+    np.testing.assert_allclose(got, x @ np.concatenate(parts).T, rtol=1e-13, atol=1e-13)
