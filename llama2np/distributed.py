@@ -6,8 +6,9 @@ the FFN (rows of w1/w3, columns of w2) and its own KV cache. The driver holds
 the embedding, the norms and the output projection, so ``DistributedTransformer``
 is a ``Transformer`` whose blocks' attention and feed-forward are remote:
 generation, sampling, chat, perplexity and float64 run unchanged. Each layer
-the driver ``ray.put``s the normalised input once, every actor returns its
-(batch, seq, dim) partial, and the driver adds them: two reductions per layer.
+the driver sends the normalised input to every actor (through the object store,
+once, when it is large), every actor returns its (batch, seq, dim) partial, and
+the driver adds them: two reductions per layer.
 
 Ray is imported here only, and only when a distributed model is built
 (``pip install llama2np[distributed]``). Nothing is written anywhere, so an
@@ -32,7 +33,7 @@ from .linear import FEW_ROWS
 from .model import (KVCache, ModelArgs, RopeTable, Transformer, TransformerBlock, build_layer, causal_mask,
                     linear_maker)
 from .parallel import blas_threads, set_num_threads
-from .plan import human, memory_plan
+from .plan import available_memory, human, memory_plan
 from .shard import Shard, shard_state
 from .tensors import BF16, to_float
 
@@ -54,18 +55,6 @@ def import_ray():
     return ray
 
 
-def available_memory() -> int | None:
-    """Bytes this machine can still hand out (Linux MemAvailable), or None when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 # --- the actor ------------------------------------------------------------------------------
 
 
@@ -76,10 +65,11 @@ class _Worker:
         import ray
 
         return {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-                "pid": os.getpid(), "cpus": len(os.sched_getaffinity(0))}
+                "pid": os.getpid(),
+                "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1}
 
-    def load(self, spec: dict) -> dict:
-        """Read this actor's slice as ``spec`` says; check the memory first. Returns its RSS in bytes."""
+    def load(self, spec: dict) -> None:
+        """Read this actor's slice as ``spec`` says (see ``DistributedTransformer``); check the memory first."""
         args = ModelArgs(**spec["args"])
         shard, dtype = Shard(spec["rank"], spec["world"]), np.dtype(spec["dtype"])
         plan = memory_plan(args, shard.world, spec["storage"], spec["dtype"], spec["quantize"])
@@ -101,7 +91,6 @@ class _Worker:
         self.args, self.dtype, self.kv_heads = args, dtype, len(shard.kv_heads(args))
         self.rope = RopeTable(args, dtype)
         self.caches: dict[int, KVCache] = {}
-        return {"rss": _rss()}
 
     def ping(self, i: int, x: np.ndarray):
         """A reduction's round trip without its work (benchmarks): x back, zero seconds."""
@@ -149,18 +138,10 @@ class _Worker:
         self.caches.pop(cache_id, None)
 
     def peak_rss(self) -> int:
-        """Peak resident memory of this actor's process, bytes."""
+        """Peak resident memory of this actor's process, bytes (Linux: ru_maxrss is in KiB)."""
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
 
 
 # --- the driver's side ----------------------------------------------------------------------
@@ -398,9 +379,8 @@ class DistributedTransformer(Transformer):
                   "quantize": quantize, "storage": storage, "source": str(ckpt.source), "own_shard": own,
                   "on_node": on_node[w["node"]], "threads": max(1, w["cpus"] // on_node[w["node"]])}
                  for k, w in enumerate(self.group.where)]
-        loaded = self.group.gather([a.load.remote(s) for a, s in zip(self.group.actors, specs)], "load",
-                                   timeout=max(timeout, LOAD_TIMEOUT))
-        self.actor_rss = [info["rss"] for info in loaded]
+        self.group.gather([a.load.remote(s) for a, s in zip(self.group.actors, specs)], "load",
+                          timeout=max(timeout, LOAD_TIMEOUT))
         self.layers = []
         for i in range(args.n_layers):
             p = f"layers.{i}."

@@ -25,6 +25,18 @@ RESERVED_BYTES = 2 * GiB
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
+def available_memory() -> int | None:
+    """Bytes this machine can still hand out (Linux MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def human(n: int) -> str:
     """Bytes as B / KiB / MiB / GiB with two decimals."""
     for unit, size in (("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):

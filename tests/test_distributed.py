@@ -1,7 +1,8 @@
 """Tensor parallelism: slices that add up to the layer, and Ray actors that match one process.
 
-One local Ray cluster serves the whole test session (actors cost seconds to
-start); each model's actors are reused by every test of it in this module.
+One local Ray cluster (two nodes on this machine) serves the whole test session;
+a closed model's actors are reused by the next model of the same size (actors
+cost seconds to start).
 """
 
 from __future__ import annotations
@@ -73,11 +74,17 @@ def test_missing_ray_names_the_extra(monkeypatch):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """A local Ray cluster of two nodes (two raylets on this machine, 2 CPUs each), for the session."""
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    cluster.wait_for_nodes()
     yield ray
     ray.shutdown()
+    cluster.shutdown()
 
 
 CASES = [(META, 2, "float32"), (META, 2, "float64"), (META, 4, "float32"), (META, 4, "float64"),
@@ -98,6 +105,11 @@ def test_logits_and_greedy_generation_match_one_process(ray_cluster, path, world
             want = single.generate(PROMPTS, max_new_tokens=6, temperature=0.0, logprobs=True)
             assert [c.ids for c in got] == [c.ids for c in want]
             np.testing.assert_allclose([c.logprobs for c in got], [c.logprobs for c in want], atol=1e-5)
+            # one sequence: through the kept KV cache, then speculative decoding checking drafts in one pass
+            prompt = [1, 17, 93, 4, 17, 93, 4, 17]
+            want = single.generate(prompt, max_new_tokens=8, temperature=0.0)
+            assert tp.generate(prompt, max_new_tokens=8, temperature=0.0) == want
+            assert tp.generate(prompt, max_new_tokens=8, temperature=0.0, prompt_lookup=2) == want
     finally:
         tp.model.close()
 
@@ -115,6 +127,18 @@ def test_actors_hold_their_slices_only(ray_cluster, path, world, quantize):
         assert tp.model.group.call("weight_bytes") == [plan.actor_weights] * world
     finally:
         tp.model.close()
+
+
+def test_one_actor_per_node_when_the_cluster_has_enough_else_packed(ray_cluster):
+    spread = Llama2.from_pretrained(META, tensor_parallel=2)
+    packed = Llama2.from_pretrained(META, tensor_parallel=4)
+    try:
+        assert len({w["node"] for w in spread.model.group.where}) == 2  # STRICT_SPREAD over the 2 nodes
+        assert len(packed.model.group.actors) == 4  # placed at all: 4 actors on 2 nodes must be packed
+        np.testing.assert_allclose(spread.logits(IDS), packed.logits(IDS), atol=1e-5)
+    finally:
+        spread.model.close()
+        packed.model.close()
 
 
 def test_killed_actor_raises_distributed_error_in_bounded_time(ray_cluster):
