@@ -356,15 +356,15 @@ def cmd_quantize(args) -> int:
 # --- the parser ------------------------------------------------------------------------
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
+def _model_options(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="PATH",
                    help="checkpoint: a Meta directory (params.json + consolidated.*.pth), a Hugging Face directory, "
                         "a llama2.c .bin or a llama.cpp .gguf (default: the one under weights/, else the demo model "
                         "weights/demo)")
     g.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model (default: found beside the checkpoint)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float64"],
-                   help="compute precision (default: float32)")
+    g.add_argument("--dtype", default=dtype, choices=["float32", "float64"],
+                   help=f"compute precision (default: {dtype})")
     g.add_argument("--max-seq-len", type=_positive_int, metavar="N", help="context length to use (default: the model's)")
     g.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-row scales), quantised "
                    "while loading: half of bf16's memory, a quarter of float32's")
@@ -469,8 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, metavar="N", help="tokens between window starts (default: window / 2)")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.add_argument("--summary-only", action="store_true", help="print the summary table only")
-    _model_options(p)
-    p.set_defaults(run=cmd_compare, dtype="float64")
+    _model_options(p, dtype="float64")
+    p.set_defaults(run=cmd_compare)
 
     p = sub.add_parser("plan", help="memory per actor for --tensor-parallel N, from the config alone",
                        description="Bytes each tensor-parallel actor and the driver hold (weights, and the KV "

@@ -119,7 +119,7 @@ def read_logits_npz(path: str | Path, vocab_size: int, max_seq_len: int | None =
     return ids.astype(np.int64), logits
 
 
-def compare(reference: Transformer, ids: Sequence[int] | np.ndarray, others: dict[str, Transformer | np.ndarray],
+def compare(reference: Transformer, ids: Sequence[int] | np.ndarray, others: dict[str, "Transformer | np.ndarray"],
             window: int | None = None, stride: int | None = None) -> dict[str, Comparison]:
     """Compare each other side (a model, or an (n, vocab) logits array) with ``reference`` over ``ids``.
 
@@ -144,7 +144,7 @@ def compare(reference: Transformer, ids: Sequence[int] | np.ndarray, others: dic
         if isinstance(other, np.ndarray) and other.shape != (ids.size, reference.args.vocab_size):
             raise InputError(f"{label}: logits of shape {other.shape}, expected ({ids.size}, "
                              f"{reference.args.vocab_size})")
-        if isinstance(other, Transformer) and other.args.vocab_size != reference.args.vocab_size:
+        if not isinstance(other, np.ndarray) and other.args.vocab_size != reference.args.vocab_size:
             raise InputError(f"{label}: vocabulary of {other.args.vocab_size} tokens, the reference has "
                              f"{reference.args.vocab_size}")
     parts: dict[str, list[dict]] = {label: [] for label in others}
@@ -152,7 +152,7 @@ def compare(reference: Transformer, ids: Sequence[int] | np.ndarray, others: dic
         ref = reference.forward(ids[None, begin:end])[0][first - begin:last - begin]  # (last - first, vocab)
         next_ids = ids[first + 1:last + 1]
         for label, other in others.items():
-            if isinstance(other, Transformer):
+            if not isinstance(other, np.ndarray):  # a model (Transformer, or a tensor-parallel one)
                 rows = other.forward(ids[None, begin:end])[0][first - begin:last - begin]
             else:
                 rows = other[first:last]
