@@ -82,7 +82,7 @@ def ray_cluster():
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     cluster.wait_for_nodes()
-    yield ray
+    yield cluster
     ray.shutdown()
     cluster.shutdown()
 
@@ -157,6 +157,23 @@ def test_killed_actor_raises_distributed_error_in_bounded_time(ray_cluster):
     again = Llama2.from_pretrained(META, tensor_parallel=2)  # the driver can build a new one
     np.testing.assert_allclose(again.logits(IDS), Llama2.from_pretrained(META).logits(IDS), atol=1e-5)
     again.model.close()
+
+
+def test_a_node_that_dies_raises_distributed_error_naming_it(ray_cluster):
+    model = Llama2.from_pretrained(META, tensor_parallel=2, ray_timeout=20.0)
+    stream = model.generate([1, 17, 93], max_new_tokens=40, temperature=0.0, stream=True)
+    next(stream)
+    worker = next(n for n in ray_cluster.worker_nodes)  # the node that is not the head (the driver's)
+    rank = next(k for k, w in enumerate(model.model.group.where) if w["node"] == worker.node_id)
+    t0 = time.perf_counter()
+    ray_cluster.remove_node(worker)
+    try:
+        with pytest.raises(DistributedError, match=rf"actor {rank} of 2 .* on node .* {worker.node_id[:8]}\) died"):
+            list(stream)
+        assert time.perf_counter() - t0 < 20.0
+    finally:
+        ray_cluster.add_node(num_cpus=2)  # the session's cluster has two nodes again
+        ray_cluster.wait_for_nodes()
 
 
 def test_actor_that_stops_answering_raises_after_the_timeout(ray_cluster):
