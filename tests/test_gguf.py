@@ -84,9 +84,12 @@ def bf16_round(a: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32)
 
 
-@pytest.mark.parametrize("ftype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_1", "Q4_K_M"])
+# every type gguf can quantize, and k-quants as random blocks (Q4_K_M: Q4_K + Q6_K)
+@pytest.mark.parametrize("ftype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4", "TQ1_0",
+                                   "TQ2_0", "Q4_K_M"])
 def test_every_type_round_trips(tmp_path: Path, ftype: str):
-    h = WIDE if ftype == "Q4_K_M" else SMALL
+    block = 256 if ftype == "Q4_K_M" else gguf.GGML_QUANT_SIZES[T[ftype]][0]
+    h = WIDE if block > SMALL.dim else SMALL
     types, produce = ge.synthetic(h, ftype, seed=3)
     path = ge.write_gguf(tmp_path / "m.gguf", h, types, produce)
     want = independent(path)
