@@ -372,7 +372,8 @@ def _model_options(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
     g.add_argument("--tensor-parallel", type=int, metavar="N",
                    help="run every layer split over N Ray actors (one per machine when the cluster has N)")
     g.add_argument("--ray-address", metavar="ADDR", help='Ray cluster to join, e.g. "auto" for the one '
-                   "`ray start` made on this machine (default: start a local one)")
+                   "`ray start` made on this machine (default: $RAY_ADDRESS, else that one if any, else a new "
+                   "local one)")
 
 
 def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -54,8 +54,9 @@ class Llama2:
             tensor while loading: a quarter of float32's memory, half of bf16's).
         tensor_parallel: run the layers on this many Ray actors, each holding 1/N of every layer
             (``pip install llama2np[distributed]``; see README "70B on several machines").
-        ray_address: the Ray cluster to join ("auto": the one ``ray start`` made on this machine);
-            default: the one this process already joined, else a new local one.
+        ray_address: the Ray cluster to join ("HOST:6379", or "auto": the one ``ray start`` made on this
+            machine); default: the one this process already joined, else Ray's own choice ($RAY_ADDRESS,
+            else a cluster ``ray start`` made on this machine, else a new local one).
         ray_timeout: seconds an actor may take to answer before ``DistributedError`` (default 120).
         """
         _check_from_pretrained_args(path, tokenizer_path, progress)

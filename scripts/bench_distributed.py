@@ -96,7 +96,7 @@ def main(argv=None) -> None:
               f"{nbytes / 2 ** 20:.0f} MiB of weights for {read_params(a.model)['n_layers']} layers", flush=True)
 
     # 2. N local actors
-    ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=False)  # a new cluster of its own
     t0 = time.perf_counter()
     model = Llama2.from_pretrained(a.model, tensor_parallel=n, max_seq_len=256)
     print(f"{n} actors loaded in {time.perf_counter() - t0:.1f} s", flush=True)
