@@ -419,6 +419,8 @@ def load_distributed(path, world: int, dtype: np.dtype, quantize: str | None, ma
     embedding, norms and output; the actors read their slices."""
     ckpt = load_checkpoint(path, max_seq_len=max_seq_len, progress=progress)
     if ckpt.layout not in ("meta", "hf"):
+        hint = (" (for int8 actors, load the original checkpoint with quantize='int8': each actor quantises "
+                "its slice)" if ckpt.layout == "int8" else "")
         raise DistributedError(f"{ckpt.source}: tensor parallelism takes Meta or Hugging Face checkpoints, "
-                               f"not {ckpt.layout}")
+                               f"not {ckpt.layout}{hint}")
     return ckpt, DistributedTransformer(ckpt, world, dtype, quantize, ray_address, timeout)
