@@ -41,6 +41,8 @@ from .tensors import BF16, to_float
 DEFAULT_TIMEOUT = 120.0
 #: seconds the actors may take to read (and quantise) their slices
 LOAD_TIMEOUT = 3600.0
+#: seconds placing the actors and starting their processes may take (a loaded machine starts Python slowly)
+START_TIMEOUT = 60.0
 #: inputs up to this size go inside each actor call; bigger ones through the object store, once
 INLINE_BYTES = 64 * 1024
 
@@ -165,18 +167,19 @@ class ActorGroup:
         per_actor = 0.01
         self.pg = placement_group([{"CPU": per_actor}] * world, strategy="STRICT_SPREAD" if spread else "PACK")
         self.actors = []
+        start = max(self.timeout, START_TIMEOUT)
         try:
-            ray.get(self.pg.ready(), timeout=self.timeout)
+            ray.get(self.pg.ready(), timeout=start)
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise DistributedError(f"could not place {world} actors ({per_actor} CPU each, "
                                    f"{'one per node' if spread else 'packed'}) on the Ray cluster within "
-                                   f"{self.timeout:.0f} s: it has {cpus:g} CPUs on {len(nodes)} node(s)") from None
+                                   f"{start:.0f} s: it has {cpus:g} CPUs on {len(nodes)} node(s)") from None
         self.actors = [_actor_class(ray).options(num_cpus=per_actor, max_restarts=0, scheduling_strategy=
                                       PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k))
                        .remote() for k in range(world)]
         self.where = [{"ip": "?", "node": "?"}] * world
-        self.where = self.gather([a.where.remote() for a in self.actors], "start")
+        self.where = self.gather([a.where.remote() for a in self.actors], "start", timeout=start)
 
     def describe(self, rank: int) -> str:
         w = self.where[rank]
@@ -374,6 +377,8 @@ class DistributedTransformer(Transformer):
         for w in self.group.where:
             on_node[w["node"]] = on_node.get(w["node"], 0) + 1
         storage = _storage_name(state)
+        if storage == "int8":  # a llama2np int8 checkpoint: the actors keep its int8 slices as they are
+            storage, quantize = "float32", "int8"
         own = ckpt.layout == "meta" and len(shard_paths(Path(ckpt.source))) == world
         specs = [{"args": args.to_params(), "rank": k, "world": world, "dtype": self.dtype.name,
                   "quantize": quantize, "storage": storage, "source": str(ckpt.source), "own_shard": own,
@@ -407,7 +412,7 @@ class DistributedTransformer(Transformer):
 
 
 def _storage_name(state) -> str:
-    """bfloat16 / float16 / float32 / float64: how the layer weights are stored."""
+    """bfloat16 / float16 / float32 / float64 / int8: how the layer weights are stored."""
     name = "layers.0.attention.wq.weight"
     dtype = state.spec(name)[1] if hasattr(state, "spec") else state[name].dtype
     return "bfloat16" if dtype == BF16 else np.dtype(dtype).name
@@ -418,9 +423,7 @@ def load_distributed(path, world: int, dtype: np.dtype, quantize: str | None, ma
     """(Checkpoint, DistributedTransformer): the driver maps the checkpoint but reads only the
     embedding, norms and output; the actors read their slices."""
     ckpt = load_checkpoint(path, max_seq_len=max_seq_len, progress=progress)
-    if ckpt.layout not in ("meta", "hf"):
-        hint = (" (for int8 actors, load the original checkpoint with quantize='int8': each actor quantises "
-                "its slice)" if ckpt.layout == "int8" else "")
-        raise DistributedError(f"{ckpt.source}: tensor parallelism takes Meta or Hugging Face checkpoints, "
-                               f"not {ckpt.layout}{hint}")
+    if ckpt.layout not in ("meta", "hf", "int8"):
+        raise DistributedError(f"{ckpt.source}: tensor parallelism takes Meta, Hugging Face or llama2np int8 "
+                               f"checkpoints, not {ckpt.layout}")
     return ckpt, DistributedTransformer(ckpt, world, dtype, quantize, ray_address, timeout)

@@ -22,7 +22,7 @@ from typing import Mapping
 import numpy as np
 
 from .errors import ConfigError
-from .linear import release_pages
+from .linear import QuantizedTensor, release_pages
 from .loaders.common import LazyStateDict
 from .model import ModelArgs
 from .tensors import is_bf16
@@ -105,13 +105,20 @@ def shard_state(state: Mapping[str, np.ndarray], args: ModelArgs, shard: Shard) 
     """
     shard.check(args)
 
-    def take(name: str, key: str) -> np.ndarray:
+    def cut(w: np.ndarray, a: int, b: int, columns: bool) -> np.ndarray:
+        bits = w.view(np.uint16) if is_bf16(w) else w  # copying a structured dtype is slow
+        part = np.ascontiguousarray(bits[:, a:b] if columns else bits[a:b]).view(w.dtype)
+        release_pages(w)
+        return part
+
+    def take(name: str, key: str) -> np.ndarray | QuantizedTensor:
         full = state[name]
         columns = key in _COLUMNS
         a, b = shard.span(args, _COLUMNS[key] if columns else _ROWS[key])
-        bits = full.view(np.uint16) if is_bf16(full) else full  # copying a structured dtype is slow
-        part = np.ascontiguousarray(bits[:, a:b] if columns else bits[a:b]).view(full.dtype)
-        release_pages(full)
+        if isinstance(full, QuantizedTensor):  # int8 rows keep their scales; a column slice keeps them all
+            part = QuantizedTensor(cut(full.q, a, b, columns), full.scale if columns else full.scale[a:b].copy())
+        else:
+            part = cut(full, a, b, columns)
         if hasattr(state, "release"):
             state.release(name)
         return part

@@ -20,6 +20,7 @@ from llama2np import Llama2
 from llama2np.errors import ConfigError, DistributedError, Llama2npError
 from llama2np.loaders import load_checkpoint
 from llama2np.model import build_layer, linear_maker
+from llama2np.plan import memory_plan
 from llama2np.shard import Shard, shard_state
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -118,13 +119,24 @@ def test_logits_and_greedy_generation_match_one_process(ray_cluster, path, world
 def test_actors_hold_their_slices_only(ray_cluster, path, world, quantize):
     """Each actor's weights are exactly what the plan counts for 1/N of the layers; the driver holds
     only the output projection."""
-    from llama2np.plan import memory_plan
-
     tp = Llama2.from_pretrained(path, tensor_parallel=world, quantize=quantize)
     try:
         assert tp.model.linears() == [tp.model.output]
         plan = memory_plan(tp.args, world, storage="float32", quantize=quantize)
         assert tp.model.group.call("weight_bytes") == [plan.actor_weights] * world
+    finally:
+        tp.model.close()
+
+
+def test_an_int8_checkpoint_is_cut_int8(ray_cluster, tmp_path):
+    """A llama2np int8 checkpoint: actors take their rows (with their scales) and columns of the int8 values."""
+    from llama2np.cli import main
+
+    assert main(["quantize", "--model", str(HF), "--out", str(tmp_path / "int8")]) == 0
+    tp, single = Llama2.from_pretrained(tmp_path / "int8", tensor_parallel=2), Llama2.from_pretrained(tmp_path / "int8")
+    try:
+        assert tp.model.group.call("weight_bytes") == [memory_plan(tp.args, 2, quantize="int8").actor_weights] * 2
+        np.testing.assert_allclose(tp.logits(IDS), single.logits(IDS), rtol=0, atol=1e-5)
     finally:
         tp.model.close()
 
@@ -177,15 +189,15 @@ def test_a_node_that_dies_raises_distributed_error_naming_it(ray_cluster):
 
 
 def test_actor_that_stops_answering_raises_after_the_timeout(ray_cluster):
-    model = Llama2.from_pretrained(META, tensor_parallel=2, ray_timeout=2.0)
+    model = Llama2.from_pretrained(META, tensor_parallel=2, ray_timeout=5.0)  # generous on a busy CI
     model.logits(IDS)
     pid = model.model.group.where[0]["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
         t0 = time.perf_counter()
-        with pytest.raises(DistributedError, match=r"actor 0 of 2 .* did not answer layer 0 attention within 2 s"):
+        with pytest.raises(DistributedError, match=r"actor 0 of 2 .* did not answer layer 0 attention within 5 s"):
             model.logits(IDS, reuse_cache=False)  # a forward pass, not the logits kept from the call above
-        assert time.perf_counter() - t0 < 10
+        assert time.perf_counter() - t0 < 15
     finally:
         os.kill(pid, signal.SIGCONT)  # the actor was killed with its group; this only wakes a leftover
 
