@@ -149,7 +149,7 @@ def run_llama2np(model: Transformer, prompts: list[np.ndarray], new_tokens: int,
     """Median prefill seconds of each prompt, the first call's seconds, and the median decode-step
     seconds (after the longest prompt); bandwidth and sgemm are measured between the runs (in a child
     process), so a machine shared with other jobs loads both sides of each ratio alike."""
-    prefill, decode, bandwidth, gemm = [[] for _ in prompts], [], [], []
+    prefill, decode, bandwidth, gemm, cores = [[] for _ in prompts], [], [], [], []
     a = model.args
     t0 = time.perf_counter()
     model.forward(prompts[0][None, :1], 0, model.new_cache(1, 1))  # a memory-mapped checkpoint is read now
@@ -164,12 +164,14 @@ def run_llama2np(model: Transformer, prompts: list[np.ndarray], new_tokens: int,
             logits = model.forward(prompt[None], 0, cache)
             times.append(time.perf_counter() - t0)
         token, steps = int(logits[0, -1].argmax()), []
+        cpu0, wall0 = _cpu_seconds(), time.perf_counter()
         for i in range(new_tokens):
             t0 = time.perf_counter()
             logits = model.forward(np.array([[token]]), len(prompt) + i, cache)
             steps.append(time.perf_counter() - t0)
             token = int(logits[0, -1].argmax())
         decode.append(float(np.median(steps)))
+        cores.append((_cpu_seconds() - cpu0) / (time.perf_counter() - wall0))
     if profile:
         import cProfile
         import pstats
@@ -183,7 +185,14 @@ def run_llama2np(model: Transformer, prompts: list[np.ndarray], new_tokens: int,
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(14)
     return {"prefill_s": [float(np.median(t)) for t in prefill], "decode_s": float(np.median(decode)),
-            "first_s": first_s, "bandwidth": float(np.median(bandwidth)), "sgemm": float(np.median(gemm))}
+            "first_s": first_s, "bandwidth": float(np.median(bandwidth)), "sgemm": float(np.median(gemm)),
+            "cores": float(np.median(cores))}
+
+
+def _cpu_seconds() -> float:
+    """CPU time this process has used (all its threads): with wall time, how many cores it got."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 # --- Hugging Face transformers on the same weights, in a child process --------------------
@@ -225,13 +234,16 @@ def hf_worker(spec: dict) -> dict:
 
     with torch.inference_mode():
         generate(prompts[0], 2)  # warm-up
-        prefill, longest = [[] for _ in prompts], []
+        prefill, longest, cores = [[] for _ in prompts], [], []
         for _ in range(spec["runs"]):
             for times, prompt in zip(prefill, prompts):
                 times.append(generate(prompt, 1))
+            cpu0, wall0 = _cpu_seconds(), time.perf_counter()
             longest.append(generate(prompts[-1], n + 1))
+            cores.append((_cpu_seconds() - cpu0) / (time.perf_counter() - wall0))
     prefill_s = [float(np.median(t)) for t in prefill]
     return {"prefill_s": prefill_s, "decode_s": (float(np.median(longest)) - prefill_s[-1]) / n,
+            "cores": float(np.median(cores)),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -335,7 +347,8 @@ def main(argv=None) -> int:
         gflops = prefill_flops(model, n) / t / 1e9
         print(f"prefill    {n} tokens: {n / t:.1f} tok/s, {gflops:.1f} GFLOP/s = {gflops / gemm:.0%} of measured "
               f"sgemm {gemm:.1f} GFLOP/s (512x{args.dim}x{args.ffn_hidden_dim}, {opts.threads} threads)")
-    print(f"decode     {decode_tps:.2f} tok/s (median of {opts.runs} runs x {opts.new_tokens} tokens)")
+    print(f"decode     {decode_tps:.2f} tok/s (median of {opts.runs} runs x {opts.new_tokens} tokens), "
+          f"CPU time {res['cores']:.2f} x wall time (of {opts.threads} threads)")
     print(f"bound      {per_token / 1e6:.1f} MB read per token / {bandwidth / 1e9:.1f} GB/s measured read "
           f"bandwidth = {bound:.2f} tok/s; achieved {decode_tps / bound:.0%}")
     if opts.compare_hf:
@@ -345,7 +358,8 @@ def main(argv=None) -> int:
         if hf:
             print(f"HF         transformers {hf['hf_dtype']}: prefill "
                   + ", ".join(f"{n}: {n / t:.1f} tok/s" for n, t in zip(lens, hf["prefill_s"]))
-                  + f"; decode {1 / hf['decode_s']:.2f} tok/s, peak RSS {hf['peak_rss'] / GiB:.2f} GiB")
+                  + f"; decode {1 / hf['decode_s']:.2f} tok/s (generate of the last prompt using "
+                  f"{hf['cores']:.2f} cores), peak RSS {hf['peak_rss'] / GiB:.2f} GiB")
             print(f"ratio      llama2np/HF: decode {hf['decode_s'] / res['decode_s']:.2f}x, prefill "
                   + ", ".join(f"{n}: {h / t:.2f}x" for n, h, t in zip(lens, hf["prefill_s"], res["prefill_s"])))
     return 0
