@@ -45,9 +45,11 @@ import numpy as np
 from .parallel import num_threads, run_parallel
 from .tensors import is_bf16, to_float
 
-#: widened values per tile when few rows come in (decoding): 128K floats = 0.5 MiB, so a tile's
-#: widened buffer and its stored bytes share a core's 1 MiB L2 cache
-TILE_ELEMENTS = 128 * 1024
+#: widened values per tile when few rows come in (decoding): 256K floats = 1 MiB, a Zen core's L2.
+#: Smaller tiles widen a little faster on one thread (128K: +5 %), but two threads then hand the
+#: GIL back and forth twice as often, and on a busy machine each hand-off waits for a core
+#: (7B decode, same process, alternating: 128K 0.85, 256K 0.92, 512K 0.57-1.22 tok/s)
+TILE_ELEMENTS = 256 * 1024
 #: widened values per tile with more input rows (prefill): each tile's GEMM is long enough to
 #: amortise widening it (measured at 128 input rows: 95-110 % of the 2-thread sgemm rate)
 BIG_TILE_ELEMENTS = 512 * 1024
