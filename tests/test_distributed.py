@@ -19,7 +19,7 @@ import pytest
 from llama2np import Llama2
 from llama2np.errors import ConfigError, DistributedError, Llama2npError
 from llama2np.loaders import load_checkpoint
-from llama2np.model import build_layer, linear_maker
+from llama2np.model import build_layer, causal_mask, linear_maker, rope_tables
 from llama2np.plan import memory_plan
 from llama2np.shard import Shard, shard_state
 
@@ -43,7 +43,6 @@ def test_slices_add_up_to_the_layer(world):
     full_att, full_ffn = build_layer(args, ckpt.state, 1, linear_maker(ckpt.state, dtype))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 5, args.dim))
-    from llama2np.model import causal_mask, rope_tables
     rotation, mask = rope_tables(args, dtype)[:5], causal_mask(5, 0, dtype)
     att, ffn = np.zeros_like(x), np.zeros_like(x)
     for k in range(world):
@@ -94,7 +93,8 @@ CASES = [(META, 2, "float32"), (META, 2, "float64"), (META, 4, "float32"), (META
 
 @pytest.mark.parametrize("path, world, dtype", CASES, ids=[f"{p.name}-N{n}-{d}" for p, n, d in CASES])
 def test_logits_and_greedy_generation_match_one_process(ray_cluster, path, world, dtype):
-    tp, single = Llama2.from_pretrained(path, dtype=dtype, tensor_parallel=world), Llama2.from_pretrained(path, dtype=dtype)
+    tp = Llama2.from_pretrained(path, dtype=dtype, tensor_parallel=world)
+    single = Llama2.from_pretrained(path, dtype=dtype)
     try:
         got, want = tp.logits(IDS), single.logits(IDS)
         assert got.dtype == want.dtype == np.dtype(dtype)
@@ -133,7 +133,8 @@ def test_an_int8_checkpoint_is_cut_int8(ray_cluster, tmp_path):
     from llama2np.cli import main
 
     assert main(["quantize", "--model", str(HF), "--out", str(tmp_path / "int8")]) == 0
-    tp, single = Llama2.from_pretrained(tmp_path / "int8", tensor_parallel=2), Llama2.from_pretrained(tmp_path / "int8")
+    tp = Llama2.from_pretrained(tmp_path / "int8", tensor_parallel=2)
+    single = Llama2.from_pretrained(tmp_path / "int8")
     try:
         assert tp.model.group.call("weight_bytes") == [memory_plan(tp.args, 2, quantize="int8").actor_weights] * 2
         np.testing.assert_allclose(tp.logits(IDS), single.logits(IDS), rtol=0, atol=1e-5)
