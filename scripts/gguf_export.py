@@ -165,11 +165,13 @@ Producer = Callable[[str], np.ndarray]
 
 def write_gguf(path: Path, h: HParams, types: dict[str, T], produce: Producer,
                tokenizer_model: Path | None = None, name: str = "llama2np fixture", arch: str = "llama",
-               skip: Iterable[str] = (), skip_keys: Iterable[str] = (), metadata_from: HParams | None = None) -> Path:
+               skip: Iterable[str] = (), skip_keys: Iterable[str] = (), metadata_from: HParams | None = None,
+               extra: dict[str, np.ndarray] | None = None) -> Path:
     """Stream a GGUF to ``path``: header, metadata, tensor infos, then one tensor at a time.
 
-    ``skip`` (Meta tensor names), ``skip_keys`` (metadata keys), ``arch`` and ``metadata_from`` (other
-    hyper-parameters in the metadata than the tensors have) let tests write broken files.
+    ``skip`` (Meta tensor names), ``skip_keys`` (metadata keys), ``arch``, ``metadata_from`` (other
+    hyper-parameters in the metadata than the tensors have) and ``extra`` (float32 tensors under GGUF
+    names of their own) let tests write broken files.
     """
     m = metadata_from or h
     w = gguf.GGUFWriter(path, arch)
@@ -198,11 +200,16 @@ def write_gguf(path: Path, h: HParams, types: dict[str, T], produce: Producer,
         else:
             byte_shape = (*shape[:-1], shape[-1] // block * size)
             w.add_tensor_info(gguf_name(meta_name), byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+    extra = {n: np.asarray(a, dtype=np.float32) for n, a in (extra or {}).items()}
+    for name, a in extra.items():
+        w.add_tensor_info(name, a.shape, a.dtype, a.nbytes)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for meta_name in shapes:
         w.write_tensor_data(produce(meta_name))
+    for a in extra.values():
+        w.write_tensor_data(a)
     w.close()
     return path
 

@@ -216,6 +216,14 @@ def test_shape_disagreeing_with_metadata(tmp_path: Path):
         load_checkpoint(path)
 
 
+def test_tensor_the_model_has_no_place_for(tmp_path: Path):
+    types, produce = ge.synthetic(SMALL, "F32")
+    path = ge.write_gguf(tmp_path / "m.gguf", SMALL, types, produce,
+                         extra={"blk.0.attn_q.bias": np.zeros(SMALL.dim, np.float32)})
+    with pytest.raises(ConfigError, match=r"unused: blk\.0\.attn_q\.bias"):
+        load_checkpoint(path)
+
+
 def test_several_files_in_a_directory(tmp_path: Path, good_file: Path):
     (tmp_path / "other.gguf").write_bytes(good_file.read_bytes())
     with pytest.raises(CheckpointError, match="2 GGUF files"):

@@ -80,7 +80,7 @@ def import_gguf():
 
 
 def meta_name(gguf_name: str) -> str | None:
-    """Meta's name for a GGUF tensor name, or None for tensors the model does not use."""
+    """Meta's name for a GGUF tensor name, or None for a tensor Llama 2 has no place for."""
     if gguf_name in _TOP_NAMES:
         return _TOP_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)
@@ -206,9 +206,7 @@ def load_gguf(path: Path, max_seq_len: int | None = None):
     reader = open_reader(path)
     makers, specs, checked = {}, {}, set()
     for tensor in reader.tensors:
-        name = meta_name(tensor.name)
-        if name is None:
-            continue
+        name = meta_name(tensor.name) or tensor.name  # unknown: kept under its own name, validate reports it
         _check_type(gguf, tensor, path, checked)
         make, shape, dtype = _maker(gguf, tensor)
         makers[name], specs[name] = make, (lambda shape=shape, dtype=dtype: (shape, dtype))
