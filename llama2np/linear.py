@@ -48,7 +48,8 @@ from .tensors import is_bf16, to_float
 #: widened values per tile when few rows come in (decoding): 256K floats = 1 MiB, a Zen core's L2.
 #: Smaller tiles widen a little faster on one thread (128K: +5 %), but two threads then hand the
 #: GIL back and forth twice as often, and on a busy machine each hand-off waits for a core
-#: (7B decode, same process, alternating: 128K 0.85, 256K 0.92, 512K 0.57-1.22 tok/s)
+#: (7B decode, one process, sizes alternating, 3 rounds: 128K 1.08-1.49, 256K 1.35-1.54,
+#: 512K 1.42-1.43, 1024K 1.35-1.51 tok/s)
 TILE_ELEMENTS = 256 * 1024
 #: widened values per tile with more input rows (prefill): each tile's GEMM is long enough to
 #: amortise widening it (measured at 128 input rows: 95-110 % of the 2-thread sgemm rate)
