@@ -57,6 +57,10 @@ BIG_TILE_ELEMENTS = 512 * 1024
 #: float weights (nothing to widen) from this many values up are split over our threads in blocks
 #: of this many: measured at 15M / 110M decode, smaller matrices gain less than a hand-off costs
 SPLIT_ELEMENTS = 1024 * 1024
+#: input rows up to which a widened tile is multiplied by each row separately (GEMVs): OpenBLAS's
+#: GEMM is slow for a few columns (one thread, 128 x 2048 tile: 2 rows 6.1 G weights/s as a GEMM,
+#: 12.4 as two GEMVs; 4 rows 5.0 / 6.4; 8 rows 4.9 / 3.2)
+GEMV_ROWS = 4
 #: input rows up to which tiles are TILE_ELEMENTS big
 FEW_ROWS = 8
 
@@ -142,24 +146,29 @@ class Linear:
         n = x2.shape[0]
         rows, tiles = self._tiles(n)
         if self._paired:
-            # each operand: (input columns (in/2,) or (in/2, n), output (out,) or (out, n))
-            xs = [np.ascontiguousarray(x2[:, 0::2]), np.ascontiguousarray(x2[:, 1::2])]
-            kernel, width = self._pair_kernel, self.in_features // 2
+            cols, kernel, width = [x2[:, 0::2], x2[:, 1::2]], self._pair_kernel, self.in_features // 2
         else:
-            xs, width = [x2], self.in_features
+            cols, width = [x2], self.in_features
             kernel = self._cast_kernel if self.tiled else self._float_kernel
-        xs = [x[0] if n == 1 else x.T for x in xs]
-        ys = [np.empty((self.out_features,) if n == 1 else (self.out_features, n), self.dtype) for _ in xs]
+        # ops: for each part of x (even / odd columns, or all), the (x, y) pairs one tile multiplies
+        # into y[c0:c1]: one GEMV per input row up to GEMV_ROWS rows (a tile stays in L2 for all of
+        # them), else one GEMM with x (in', n) and y (out, n)
+        per_row = n == 1 or (self.tiled and n <= GEMV_ROWS)
+        if per_row:
+            ys = [np.empty((n, self.out_features), self.dtype) for _ in cols]
+            ops = [[(np.ascontiguousarray(c[i]), y[i]) for i in range(n)] for c, y in zip(cols, ys)]
+        else:
+            ys = [np.empty((self.out_features, n), self.dtype) for _ in cols]
+            ops = [[(np.ascontiguousarray(c).T, y)] for c, y in zip(cols, ys)]
         queue = iter(tiles)  # shared: each thread takes the next tile when it is done with one
 
         def work(_):
-            kernel(queue, rows, width, xs, ys)
+            kernel(queue, rows, width, ops)
 
         threads = min(num_threads(), len(tiles))
         run_parallel(work, range(threads))
-        if n == 1:
-            y = ys[0] if len(ys) == 1 else np.add(ys[0], ys[1], out=ys[0])
-            return y[None]  # (1, out)
+        if per_row:  # (n, out)
+            return ys[0] if len(ys) == 1 else np.add(ys[0], ys[1], out=ys[0])
         y = np.empty((n, self.out_features), self.dtype)
         if len(ys) == 1:
             np.copyto(y, ys[0].T)
@@ -167,9 +176,9 @@ class Linear:
             np.add(ys[0].T, ys[1].T, out=y)
         return y
 
-    def _pair_kernel(self, queue, rows: int, width: int, xs: list, ys: list) -> None:
+    def _pair_kernel(self, queue, rows: int, width: int, ops: list) -> None:
         """Widen bf16 pairs (uint32) of each tile: even columns, then odd, each times its half of x."""
-        (xe, xo), (ye, yo) = xs, ys
+        even, odd = ops
         bits = _buffer("bits", (rows, width), np.uint32)
         wide32 = bits.view(np.float32)
         wide = wide32 if self.dtype == np.float32 else _buffer("wide", (rows, width), self.dtype)
@@ -179,27 +188,30 @@ class Linear:
             np.left_shift(p, _SHIFT, out=b)
             if w is not wide32:
                 np.copyto(w, wide32[:k])
-            np.dot(w, xe, out=ye[c0:c1])
+            for x, y in even:
+                np.dot(w, x, out=y[c0:c1])
             np.bitwise_and(p, _HIGH, out=b)
             if w is not wide32:
                 np.copyto(w, wide32[:k])
-            np.dot(w, xo, out=yo[c0:c1])
+            for x, y in odd:
+                np.dot(w, x, out=y[c0:c1])
 
-    def _float_kernel(self, queue, rows: int, width: int, xs: list, ys: list) -> None:
+    def _float_kernel(self, queue, rows: int, width: int, ops: list) -> None:
         """Weights already in the compute dtype: each block of rows times x."""
-        (x,), (y,) = xs, ys
+        ((x, y),) = ops[0]
         for w, c0, c1 in queue:
             np.dot(w, x, out=y[c0:c1])
 
-    def _cast_kernel(self, queue, rows: int, width: int, xs: list, ys: list) -> None:
+    def _cast_kernel(self, queue, rows: int, width: int, ops: list) -> None:
         """Widen each tile with one cast into the compute dtype, times all of x."""
-        (x,), (y,) = xs, ys
+        (pairs,) = ops
         wide = _buffer("wide", (rows, width), self.dtype)
         for t, c0, c1 in queue:
             k = c1 - c0
             w = wide if k == rows else wide[:k]
             self._widen(t, w)
-            np.dot(w, x, out=y[c0:c1])
+            for x, y in pairs:
+                np.dot(w, x, out=y[c0:c1])
 
     def _widen(self, stored: np.ndarray, out: np.ndarray) -> None:
         """Stored rows into ``out`` in the compute dtype, whole rows at once: bf16 bits (uint16) are
