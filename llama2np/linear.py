@@ -51,6 +51,10 @@ from .tensors import is_bf16, to_float
 #: (7B decode, one process, sizes alternating, 3 rounds: 128K 1.08-1.49, 256K 1.35-1.54,
 #: 512K 1.42-1.43, 1024K 1.35-1.51 tok/s)
 TILE_ELEMENTS = 256 * 1024
+#: int8 decode tiles: NumPy's int8 -> float cast costs microseconds per call to set up, so int8
+#: wants bigger tiles than bf16's plain ufuncs (one thread, CPU time, 7B shapes: 256K 5.3-5.7,
+#: 512K 7.6-7.8, 1024K 8.4-8.6 G weights/s; 4 MiB buffers still fit the L3)
+INT8_TILE_ELEMENTS = 1024 * 1024
 #: widened values per tile with more input rows (prefill): each tile's GEMM is long enough to
 #: amortise widening it (measured at 128 input rows: 95-110 % of the 2-thread sgemm rate)
 BIG_TILE_ELEMENTS = 512 * 1024
@@ -134,7 +138,8 @@ class Linear:
 
     def _tiles(self, n: int) -> tuple[int, list]:
         """Rows per tile for ``n`` input rows, and the tiles: (stored rows, first, end output row)."""
-        elements = SPLIT_ELEMENTS if not self.tiled else TILE_ELEMENTS if n <= FEW_ROWS else BIG_TILE_ELEMENTS
+        elements = (SPLIT_ELEMENTS if not self.tiled else BIG_TILE_ELEMENTS if n > FEW_ROWS
+                    else INT8_TILE_ELEMENTS if isinstance(self, Int8Linear) else TILE_ELEMENTS)
         width = self.in_features // 2 if self._paired else self.in_features  # widened at a time
         rows = max(1, elements // width)
         if rows not in self._plans:

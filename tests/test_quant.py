@@ -41,8 +41,10 @@ def test_quantize_from_bf16_equals_quantize_from_its_float32_values():
     np.testing.assert_array_equal(s1, s2)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40])
-def test_int8_linear_matches_dequantised_float_matmul(rows):
+@pytest.mark.parametrize("rows", [1, 3, 5, 40])
+def test_int8_linear_matches_dequantised_float_matmul(rows, monkeypatch):
+    monkeypatch.setattr(linear_mod, "INT8_TILE_ELEMENTS", 5 * 96)  # several tiles, a ragged last one
+    monkeypatch.setattr(linear_mod, "BIG_TILE_ELEMENTS", 7 * 96)
     parts = [rng.standard_normal((n, 96)).astype(np.float32) for n in (64, 32, 32)]
     lin = Int8Linear(parts, np.float32)
     x = rng.standard_normal((rows, 96)).astype(np.float32)
