@@ -190,15 +190,15 @@ def test_a_node_that_dies_raises_distributed_error_naming_it(ray_cluster):
 
 
 def test_actor_that_stops_answering_raises_after_the_timeout(ray_cluster):
-    model = Llama2.from_pretrained(META, tensor_parallel=2, ray_timeout=5.0)  # generous on a busy CI
+    model = Llama2.from_pretrained(META, tensor_parallel=2, ray_timeout=10.0)  # generous on a busy CI
     model.logits(IDS)
     pid = model.model.group.where[0]["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
         t0 = time.perf_counter()
-        with pytest.raises(DistributedError, match=r"actor 0 of 2 .* did not answer layer 0 attention within 5 s"):
+        with pytest.raises(DistributedError, match=r"actor 0 of 2 .* did not answer layer 0 attention within 10 s"):
             model.logits(IDS, reuse_cache=False)  # a forward pass, not the logits kept from the call above
-        assert time.perf_counter() - t0 < 15
+        assert time.perf_counter() - t0 < 30
     finally:
         os.kill(pid, signal.SIGCONT)  # the actor was killed with its group; this only wakes a leftover
 
