@@ -30,7 +30,8 @@ from .loaders import Checkpoint, load_checkpoint
 from .loaders.meta import shard_paths
 from .loaders.torch_pickle import load_pth
 from .linear import FEW_ROWS
-from .model import (KVCache, ModelArgs, RopeTable, Transformer, TransformerBlock, build_layer, causal_mask,
+from .kv_cache import KVCache
+from .model import (ModelArgs, RopeTable, Transformer, TransformerBlock, build_layer, causal_mask,
                     linear_maker)
 from .parallel import blas_threads, set_num_threads
 from .plan import available_memory, human, memory_plan

@@ -36,7 +36,8 @@ from llama2np.distributed import ActorGroup
 from llama2np.loaders.common import make_args
 from llama2np.loaders.meta import read_params, shard_paths
 from llama2np.loaders.torch_pickle import load_pth
-from llama2np.model import KVCache, build_layer, causal_mask, linear_maker, rope_tables
+from llama2np.kv_cache import KVCache
+from llama2np.model import build_layer, causal_mask, linear_maker, rope_tables
 from llama2np.parallel import blas_threads, num_threads
 from llama2np.plan import GiB, memory_plan
 

@@ -21,7 +21,8 @@ from llama2np.loaders import load_checkpoint
 from llama2np.loaders.common import expected_shapes
 from llama2np.loaders.safetensors_file import open_safetensors
 from llama2np.loaders.torch_pickle import load_pth
-from llama2np.model import KVCache, rope_tables
+from llama2np.kv_cache import KVCache
+from llama2np.model import rope_tables
 from tiny_model import tiny_state
 
 sys.path.insert(0, str(REPO / "scripts"))
