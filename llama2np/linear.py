@@ -25,6 +25,10 @@ threads of matmul GEMVs ran no faster than one), so the hot path uses
 other jobs their spinning collapsed (15M decode: 53 tok/s median with two
 OpenBLAS threads, 139 with ours).
 
+Long prompts (``WHOLE_ROWS`` input rows and more) are the exception: there one
+sgemm over the whole matrix beats many tile-sized GEMMs, so our threads widen
+the whole matrix into one shared float32 buffer and BLAS's threads multiply.
+
 bf16 is widened without a casting loop. Two adjacent bf16 values are one
 uint32 ``p`` (little-endian: the even column in the low half); ``p << 16`` is
 the even column's float32 and ``p & 0xFFFF0000`` the odd one's, both
@@ -42,7 +46,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .parallel import num_threads, run_parallel
+from .parallel import blas_threads, num_threads, run_parallel
 from .tensors import is_bf16, to_float
 
 #: widened values per tile when few rows come in (decoding): 256K floats = 1 MiB, a Zen core's L2.
@@ -67,6 +71,12 @@ SPLIT_ELEMENTS = 1024 * 1024
 GEMV_ROWS = 4
 #: input rows up to which tiles are TILE_ELEMENTS big
 FEW_ROWS = 8
+#: input rows from which a float32 product widens the whole matrix once (both threads) into one
+#: shared buffer and runs one sgemm on BLAS's threads: tiles of 512K values make GEMMs too small
+#: for sgemm's best rate (one 7B w1+w3, 2 threads, GFLOP/s tiles / whole: 128 rows 184 / 161,
+#: 256 rows 190 / 197, 384 rows 208 / 213, 512 rows 178-188 / 217-219, 1024 rows 161 / 231;
+#: sgemm on a float32 copy 206-250). The buffer holds the largest matrix (7B: the output, 0.5 GiB).
+WHOLE_ROWS = 384
 
 #: compute dtypes a bf16 weight is widened to tile by tile
 TILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -149,6 +159,8 @@ class Linear:
     def _tiled_matmul(self, x2: np.ndarray) -> np.ndarray:
         """x2 (n, in) @ W.T -> (n, out), tile by tile on our threads."""
         n = x2.shape[0]
+        if n >= WHOLE_ROWS and self.dtype == np.float32:
+            return self._whole_matmul(x2)
         rows, tiles = self._tiles(n)
         if self._paired:
             cols, kernel, width = [x2[:, 0::2], x2[:, 1::2]], self._pair_kernel, self.in_features // 2
@@ -179,6 +191,33 @@ class Linear:
             np.copyto(y, ys[0].T)
         else:
             np.add(ys[0].T, ys[1].T, out=y)
+        return y
+
+    def _whole_matmul(self, x2: np.ndarray) -> np.ndarray:
+        """Many rows: the whole matrix widened once (our threads, tile by tile) into a shared buffer,
+        then x2 (n, in) @ W.T -> (n, out) as one sgemm on BLAS's threads."""
+        if not self.tiled:
+            with blas_threads(None):
+                return x2 @ self.weight.T
+        rows, tiles = self._tiles(x2.shape[0])
+        halves = 2 if self._paired else 1  # paired: even columns, then odd ones, each (out, in / 2)
+        wide = _whole_buffer(self.out_features * self.in_features).reshape(halves, self.out_features, -1)
+        queue = iter(tiles)
+
+        def work(_):
+            for t, c0, c1 in queue:
+                if self._paired:
+                    np.left_shift(t, _SHIFT, out=wide[0, c0:c1].view(np.uint32))
+                    np.bitwise_and(t, _HIGH, out=wide[1, c0:c1].view(np.uint32))
+                else:
+                    self._widen(t, wide[0, c0:c1])
+
+        run_parallel(work, range(min(num_threads(), len(tiles))))
+        cols = [x2[:, 0::2], x2[:, 1::2]] if self._paired else [x2]
+        with blas_threads(None):
+            y = np.dot(cols[0], wide[0].T)
+            for c, w in zip(cols[1:], wide[1:]):
+                y += np.dot(c, w.T)
         return y
 
     def _pair_kernel(self, queue, rows: int, width: int, ops: list) -> None:
@@ -329,6 +368,16 @@ def _tile_plan(parts: list[np.ndarray], step: int) -> list[tuple[np.ndarray, int
             tiles.append((w[r0:r1], c0 + r0, c0 + r1))
         c0 += w.shape[0]
     return tiles
+
+
+_whole: list[np.ndarray] = []  # the one float32 buffer of _whole_matmul, grown to the largest matrix
+
+
+def _whole_buffer(size: int) -> np.ndarray:
+    """``size`` float32 values of the buffer shared by every Linear's whole-matrix products."""
+    if not _whole or _whole[0].size < size:
+        _whole[:] = [np.empty(size, np.float32)]
+    return _whole[0][:size]
 
 
 def _buffer(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

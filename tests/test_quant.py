@@ -41,7 +41,7 @@ def test_quantize_from_bf16_equals_quantize_from_its_float32_values():
     np.testing.assert_array_equal(s1, s2)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 5, 40])
+@pytest.mark.parametrize("rows", [1, 3, 5, 40, linear_mod.WHOLE_ROWS])  # the last: whole-matrix widening
 def test_int8_linear_matches_dequantised_float_matmul(rows, monkeypatch):
     monkeypatch.setattr(linear_mod, "INT8_TILE_ELEMENTS", 5 * 96)  # several tiles, a ragged last one
     monkeypatch.setattr(linear_mod, "BIG_TILE_ELEMENTS", 7 * 96)
@@ -56,7 +56,7 @@ def test_int8_linear_matches_dequantised_float_matmul(rows, monkeypatch):
     assert np.abs(lin(x) - exact).max() < 0.05 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 20, 70])
+@pytest.mark.parametrize("rows", [1, 3, 20, 70, linear_mod.WHOLE_ROWS + 1])  # the last: whole-matrix widening
 @pytest.mark.parametrize("threads", [1, 2])
 def test_stacked_and_bf16_tiled_linear_equal_the_plain_product(rows, threads, monkeypatch):
     monkeypatch.setattr(linear_mod, "TILE_ELEMENTS", 7 * 50)  # many tiles, a ragged last one
@@ -77,7 +77,7 @@ def test_stacked_and_bf16_tiled_linear_equal_the_plain_product(rows, threads, mo
         parallel.set_num_threads(parallel._cpu_count())
 
 
-@pytest.mark.parametrize("rows", [1, 12])
+@pytest.mark.parametrize("rows", [1, 12, linear_mod.WHOLE_ROWS])
 @pytest.mark.parametrize("layout", ["odd in_features", "column slice"])
 def test_bf16_tiles_that_cannot_be_read_as_pairs_are_widened_whole(rows, layout, monkeypatch):
     monkeypatch.setattr(linear_mod, "TILE_ELEMENTS", 5 * 51)
