@@ -27,16 +27,14 @@ import numpy as np
 
 from .errors import DistributedError, Llama2npError
 from .loaders import Checkpoint, load_checkpoint
-from .loaders.meta import shard_paths
-from .loaders.torch_pickle import load_pth
-from .linear import FEW_ROWS
 from .kv_cache import KVCache
+from .loaders.meta import shard_paths
 from .model import (ModelArgs, RopeTable, Transformer, TransformerBlock, build_layer, causal_mask,
                     linear_maker)
 from .parallel import blas_threads, set_num_threads
 from .plan import available_memory, human, memory_plan
-from .shard import Shard, shard_state
-from .tensors import BF16, to_float
+from .shard import Shard, read_slice, storage_name
+from .tensors import to_float
 
 #: seconds a reduction (or a cache operation) may take before the actors are declared lost
 DEFAULT_TIMEOUT = 120.0
@@ -84,13 +82,9 @@ class _Worker:
                 f"cache at context {args.max_seq_len} each) but only {human(free)} is available: add machines, "
                 "use quantize='int8' or a shorter max_seq_len")
         set_num_threads(spec["threads"])
-        if spec["own_shard"]:  # Meta's consolidated.0k.pth is exactly this actor's slice
-            part = load_pth(Path(spec["source"]) / f"consolidated.{shard.rank:02d}.pth")
-        else:
-            part = shard_state(load_checkpoint(spec["source"], max_seq_len=args.max_seq_len).state, args, shard)
+        part = read_slice(spec["source"], args, shard, spec["own_shard"])
         lin = linear_maker(part, dtype, spec["quantize"])
         self.blocks = [build_layer(args, part, i, lin) for i in range(args.n_layers)]
-        self.tiled = any(m.tiled for a, f in self.blocks for m in (a.wqkv, a.wo, f.w13, f.w2))
         self.args, self.dtype, self.kv_heads = args, dtype, len(shard.kv_heads(args))
         self.rope = RopeTable(args, dtype)
         self.caches: dict[int, KVCache] = {}
@@ -111,8 +105,7 @@ class _Worker:
 
     def _run(self, fn, x):
         t0 = time.perf_counter()
-        rows = x.shape[0] * x.shape[1]
-        with blas_threads(1 if rows <= FEW_ROWS and self.tiled else None):
+        with blas_threads(1):  # as in Transformer.forward: Linear spreads its products over our threads
             out = fn()
         return out, time.perf_counter() - t0
 
@@ -377,7 +370,7 @@ class DistributedTransformer(Transformer):
         on_node = {}
         for w in self.group.where:
             on_node[w["node"]] = on_node.get(w["node"], 0) + 1
-        storage = _storage_name(state)
+        storage = storage_name(state)
         if storage == "int8":  # a llama2np int8 checkpoint: the actors keep its int8 slices as they are
             storage, quantize = "float32", "int8"
         own = ckpt.layout == "meta" and len(shard_paths(Path(ckpt.source))) == world
@@ -410,13 +403,6 @@ class DistributedTransformer(Transformer):
         group = getattr(self, "group", None)
         if group is not None:
             group.close()
-
-
-def _storage_name(state) -> str:
-    """bfloat16 / float16 / float32 / float64 / int8: how the layer weights are stored."""
-    name = "layers.0.attention.wq.weight"
-    dtype = state.spec(name)[1] if hasattr(state, "spec") else state[name].dtype
-    return "bfloat16" if dtype == BF16 else np.dtype(dtype).name
 
 
 def load_distributed(path, world: int, dtype: np.dtype, quantize: str | None, max_seq_len: int | None,

@@ -17,15 +17,18 @@ places the slices on actors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from .errors import ConfigError
 from .linear import QuantizedTensor, release_pages
+from .loaders import load_checkpoint
 from .loaders.common import LazyStateDict
+from .loaders.torch_pickle import load_pth
 from .model import ModelArgs
-from .tensors import is_bf16
+from .tensors import BF16, is_bf16
 
 #: layer tensors split by output rows (dim 0) / by input columns (dim 1), and by which range
 _ROWS = {"attention.wq.weight": "heads", "attention.wk.weight": "kv_heads", "attention.wv.weight": "kv_heads",
@@ -125,3 +128,18 @@ def shard_state(state: Mapping[str, np.ndarray], args: ModelArgs, shard: Shard) 
 
     makers = {n: (lambda n=n, k=k: take(n, k)) for n in state if (k := _layer_key(n)) is not None}
     return LazyStateDict(makers, source=getattr(state, "source", "state dict"))
+
+
+def read_slice(source: str | Path, args: ModelArgs, shard: Shard, own_shard: bool) -> Mapping[str, np.ndarray]:
+    """This process's slice of a checkpoint: Meta's ``consolidated.0k.pth`` when its shards are cut
+    as ours (``own_shard``), else ``shard_state`` of the memory-mapped checkpoint."""
+    if own_shard:
+        return load_pth(Path(source) / f"consolidated.{shard.rank:02d}.pth")
+    return shard_state(load_checkpoint(source, max_seq_len=args.max_seq_len).state, args, shard)
+
+
+def storage_name(state) -> str:
+    """bfloat16 / float16 / float32 / float64 / int8: how the layer weights are stored."""
+    name = "layers.0.attention.wq.weight"
+    dtype = state.spec(name)[1] if hasattr(state, "spec") else state[name].dtype
+    return "bfloat16" if dtype == BF16 else np.dtype(dtype).name
