@@ -13,7 +13,7 @@ from conftest import shared_path
 from llama2np import Llama2
 from llama2np import linear as linear_mod
 from llama2np import parallel
-from llama2np.errors import InputError
+from llama2np.errors import CheckpointError, InputError
 from llama2np.linear import Int8Linear, Linear, quantize_int8, release_pages
 from llama2np.model import ModelArgs, Transformer
 from llama2np.tensors import bf16_to_float32, float32_to_bf16
@@ -93,8 +93,9 @@ def test_bf16_tiles_that_cannot_be_read_as_pairs_are_widened_whole(rows, layout,
 @pytest.mark.parametrize("rows", [1, 3, 30])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("storage", ["bf16", "fp16"])
-def test_16_bit_weights_widen_tile_by_tile_to_float64(rows, threads, storage, monkeypatch):
-    """float64 compute keeps bf16/fp16 weights as stored and widens tiles (no float64 copy of the matrix)."""
+@pytest.mark.parametrize("compute", [np.float64, np.float32])
+def test_16_bit_weights_widen_tile_by_tile(rows, threads, storage, compute, monkeypatch):
+    """bf16/fp16 weights stay as stored and are widened tile by tile (no float copy of the matrix)."""
     monkeypatch.setattr(linear_mod, "TILE_ELEMENTS", 7 * 64)
     monkeypatch.setattr(linear_mod, "BIG_TILE_ELEMENTS", 9 * 64)
     if storage == "bf16":
@@ -103,16 +104,38 @@ def test_16_bit_weights_widen_tile_by_tile_to_float64(rows, threads, storage, mo
     else:
         parts = [rng.standard_normal((n, 64)).astype(np.float16) for n in (40, 23)]
         exact = np.concatenate(parts).astype(np.float64)
-    x = rng.standard_normal((rows, 64))
+    x = rng.standard_normal((rows, 64)).astype(compute)
     parallel.set_num_threads(threads)
     try:
-        lin = Linear(parts, np.float64)
+        lin = Linear(parts, compute)
         assert lin.tiled and lin.parts[0] is parts[0]
         got = lin(x)
     finally:
         parallel.set_num_threads(parallel._cpu_count())
-    assert got.dtype == np.float64
-    np.testing.assert_allclose(got, x @ exact.T, rtol=1e-13, atol=1e-13)
+    assert got.dtype == compute
+    tol = 1e-13 if compute == np.float64 else 1e-5
+    np.testing.assert_allclose(got, x @ exact.T.astype(compute), rtol=tol, atol=tol)
+
+
+def test_fp16_pairs_widen_to_exactly_numpys_float32_for_every_finite_value():
+    """Every finite float16 bit pattern (zeros, subnormals, the largest), in both halves of a pair."""
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    finite = bits[(bits & 0x7FFF) < 0x7C00]
+    pairs = finite | (finite[::-1] << 16)  # each value once in the low (even) and once in the high (odd) half
+    want = pairs.view(np.float16).astype(np.float32)  # (even, odd, even, odd, ...)
+    even, odd = np.empty_like(pairs), np.empty_like(pairs)
+    linear_mod._fp16_even(pairs, even)
+    linear_mod._fp16_odd(pairs, odd)
+    np.testing.assert_array_equal(even.view(np.float32), want[0::2])
+    np.testing.assert_array_equal(odd.view(np.float32), want[1::2])
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_fp16_weights_holding_inf_or_nan_are_refused(bad):
+    w = rng.standard_normal((8, 64)).astype(np.float16)
+    w[3, 5] = bad
+    with pytest.raises(CheckpointError, match="inf or NaN"):
+        Linear(w, np.float32)
 
 
 def test_stacked_parts_must_share_in_features():
@@ -245,19 +268,21 @@ def test_blas_threads_sets_the_blas_library_and_restores_it():
 
 
 @pytest.mark.parametrize("storage", ["bf16", "fp16"])
-def test_float64_model_from_16_bit_weights_widens_tiles_and_matches_a_float64_copy(storage):
-    """Issue 15 item 4: float64 logits of a bf16/fp16 checkpoint without a float64 copy of any matrix."""
+@pytest.mark.parametrize("compute", ["float64", "float32"])
+def test_model_from_16_bit_weights_widens_tiles_and_matches_a_float_copy(storage, compute):
+    """Issue 15 item 4: float64 (and float32) logits of a bf16/fp16 checkpoint without a float copy of any matrix."""
     from tiny_model import tiny_args, tiny_state
 
     args = tiny_args()
     state = tiny_state(args)
     stored = {k: float32_to_bf16(v) if storage == "bf16" else v.astype(np.float16) for k, v in state.items()}
-    widened = {k: (bf16_to_float32(v) if storage == "bf16" else v).astype(np.float64) for k, v in stored.items()}
-    tiled, copy = Transformer(args, stored, "float64"), Transformer(args, widened, "float64")
+    widened = {k: (bf16_to_float32(v) if storage == "bf16" else v).astype(compute) for k, v in stored.items()}
+    tiled, copy = Transformer(args, stored, compute), Transformer(args, widened, compute)
     assert all(m.tiled for m in tiled.linears()) and not any(m.tiled for m in copy.linears())
     assert all(p.dtype.itemsize == 2 for m in tiled.linears() for p in m.parts)
     tokens = np.array([[1, 17, 42, 5, 99, 3]])
-    np.testing.assert_allclose(tiled.forward(tokens), copy.forward(tokens), rtol=1e-12, atol=1e-12)
+    tol = 1e-12 if compute == "float64" else 1e-5
+    np.testing.assert_allclose(tiled.forward(tokens), copy.forward(tokens), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("rows", [1, 9])
