@@ -46,9 +46,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CheckpointError
 from .parallel import blas_threads, num_threads, run_parallel
-from .tensors import is_bf16, to_float
+from .tensors import (bf16_pair_even, bf16_pair_odd, check_finite_fp16, fp16_pair_even, fp16_pair_odd, is_bf16,
+                      to_float)
 
 #: widened values per tile when few rows come in (decoding): 256K floats = 1 MiB, a Zen core's L2.
 #: Smaller tiles widen a little faster on one thread (128K: +5 %), but two threads then hand the
@@ -81,49 +81,6 @@ WHOLE_ROWS = 384
 
 #: compute dtypes a bf16 weight is widened to tile by tile
 TILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-_SHIFT, _HIGH = np.uint32(16), np.uint32(0xFFFF0000)
-_FP16_BITS, _FP16_SCALE = np.uint32(0x8FFFE000), np.float32(2.0 ** 112)
-
-
-# Widening a pair p (uint32) of 16-bit values: the even column is p's low half, the odd its high half.
-
-def _bf16_even(p: np.ndarray, out: np.ndarray) -> None:
-    np.left_shift(p, _SHIFT, out=out)
-
-
-def _bf16_odd(p: np.ndarray, out: np.ndarray) -> None:
-    np.bitwise_and(p, _HIGH, out=out)
-
-
-def _fp16_even(p: np.ndarray, out: np.ndarray) -> None:
-    np.left_shift(p, _SHIFT, out=out)
-    _fp16_odd(out, out)
-
-
-def _fp16_odd(p: np.ndarray, out: np.ndarray) -> None:
-    """The float16 in the high half of each uint32 as a float32, exactly (subnormals and zeros too).
-
-    An arithmetic shift by 3 moves its exponent and mantissa to float32's places (the sign bit
-    fills bits 31..28; the mask keeps bit 31); the result is the value times 2^-112 (float32's
-    exponent bias 127 against float16's 15), undone by one multiply. Infinities and NaNs would come
-    out finite, so float16 weights holding them are refused when the Linear is made. ~5 G values/s
-    per core for both halves, against ~0.8 for NumPy's float16 cast.
-    """
-    np.right_shift(p.view(np.int32), 3, out=out.view(np.int32))
-    np.bitwise_and(out, _FP16_BITS, out=out)
-    f = out.view(np.float32)
-    np.multiply(f, _FP16_SCALE, out=f)
-
-
-def _check_finite_fp16(parts: Sequence[np.ndarray]) -> None:
-    """CheckpointError when a float16 weight holds inf or NaN (exponent bits all set)."""
-    for w in parts:
-        bits = w.view(np.uint16).reshape(-1)
-        for i in range(0, bits.size, TILE_ELEMENTS):
-            if (bits[i : i + TILE_ELEMENTS] & 0x7FFF).max(initial=0) >= 0x7C00:
-                raise CheckpointError(f"a float16 weight matrix of shape {w.shape} holds inf or NaN values: "
-                                      "the checkpoint is damaged")
 _workspace = threading.local()  # per-thread tile buffers, shared by every Linear
 
 
@@ -143,12 +100,12 @@ class Linear:
         if self.tiled:
             self.parts = parts
             if fp16:
-                _check_finite_fp16(parts)
+                check_finite_fp16(parts, TILE_ELEMENTS)
             # adjacent 16-bit pairs as one uint32
             # (needs an even in_features and contiguous rows; else whole rows are widened with a cast)
             self._paired = self.in_features % 2 == 0 and all(w.strides[-1] == w.itemsize for w in parts)
             self._stored = [w.view(np.uint32) if self._paired else w.view(np.uint16) if bf16 else w for w in parts]
-            self._even, self._odd = (_fp16_even, _fp16_odd) if fp16 else (_bf16_even, _bf16_odd)
+            self._even, self._odd = (fp16_pair_even, fp16_pair_odd) if fp16 else (bf16_pair_even, bf16_pair_odd)
         else:
             floats = [to_float(w, self.dtype) for w in parts]
             self.weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
@@ -308,7 +265,7 @@ class Linear:
             np.copyto(out, stored, casting="unsafe")
             return
         bits = out.view(np.uint32) if out.dtype == np.float32 else _buffer("bits", out.shape, np.uint32)
-        np.left_shift(stored, _SHIFT, out=bits, dtype=np.uint32)
+        np.left_shift(stored, np.uint32(16), out=bits, dtype=np.uint32)
         if out.dtype != np.float32:
             np.copyto(out, bits.view(np.float32))
 

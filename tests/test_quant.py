@@ -13,6 +13,7 @@ from conftest import shared_path
 from llama2np import Llama2
 from llama2np import linear as linear_mod
 from llama2np import parallel
+from llama2np import tensors as tensors_mod
 from llama2np.errors import CheckpointError, InputError
 from llama2np.linear import Int8Linear, Linear, quantize_int8, release_pages
 from llama2np.model import ModelArgs, Transformer
@@ -124,8 +125,8 @@ def test_fp16_pairs_widen_to_exactly_numpys_float32_for_every_finite_value():
     pairs = finite | (finite[::-1] << 16)  # each value once in the low (even) and once in the high (odd) half
     want = pairs.view(np.float16).astype(np.float32)  # (even, odd, even, odd, ...)
     even, odd = np.empty_like(pairs), np.empty_like(pairs)
-    linear_mod._fp16_even(pairs, even)
-    linear_mod._fp16_odd(pairs, odd)
+    tensors_mod.fp16_pair_even(pairs, even)
+    tensors_mod.fp16_pair_odd(pairs, odd)
     np.testing.assert_array_equal(even.view(np.float32), want[0::2])
     np.testing.assert_array_equal(odd.view(np.float32), want[1::2])
 
