@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DistributedError, Llama2npError
-from .loaders import Checkpoint, load_checkpoint
 from .kv_cache import KVCache
+from .loaders import Checkpoint, load_checkpoint
 from .loaders.meta import shard_paths
 from .model import (ModelArgs, RopeTable, Transformer, TransformerBlock, build_layer, causal_mask,
                     linear_maker)
