@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from .loaders.meta import shard_paths
 from .model import (ModelArgs, RopeTable, Transformer, TransformerBlock, build_layer, causal_mask,
                     linear_maker)
 from .parallel import blas_threads, set_num_threads
-from .plan import available_memory, human, memory_plan
+from .plan import check_node_memory, memory_plan
 from .shard import Shard, read_slice, storage_name
 from .tensors import to_float
 
@@ -73,14 +74,8 @@ class _Worker:
         """Read this actor's slice as ``spec`` says (see ``DistributedTransformer``); check the memory first."""
         args = ModelArgs(**spec["args"])
         shard, dtype = Shard(spec["rank"], spec["world"]), np.dtype(spec["dtype"])
-        plan = memory_plan(args, shard.world, spec["storage"], spec["dtype"], spec["quantize"])
-        need, free = plan.actor_total * spec["on_node"], available_memory()
-        if free is not None and need > free:
-            raise DistributedError(
-                f"actor {shard.rank} on node {self.where()['ip']}: {spec['on_node']} actor(s) on this node need "
-                f"{human(need)} ({human(plan.actor_weights)} of weights and {human(plan.actor_kv_cache)} of KV "
-                f"cache at context {args.max_seq_len} each) but only {human(free)} is available: add machines, "
-                "use quantize='int8' or a shorter max_seq_len")
+        check_node_memory(memory_plan(args, shard.world, spec["storage"], spec["dtype"], spec["quantize"]),
+                          spec["on_node"], f"actor {shard.rank} on node {self.where()['ip']}")
         set_num_threads(spec["threads"])
         part = read_slice(spec["source"], args, shard, spec["own_shard"])
         lin = linear_maker(part, dtype, spec["quantize"])
@@ -367,9 +362,7 @@ class DistributedTransformer(Transformer):
         self.rope = RopeTable(args, self.dtype)
 
         self.group = ActorGroup.acquire(world, timeout)
-        on_node = {}
-        for w in self.group.where:
-            on_node[w["node"]] = on_node.get(w["node"], 0) + 1
+        on_node = Counter(w["node"] for w in self.group.where)  # actors per node
         storage = storage_name(state)
         if storage == "int8":  # a llama2np int8 checkpoint: the actors keep its int8 slices as they are
             storage, quantize = "float32", "int8"

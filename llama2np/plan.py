@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, DistributedError, InputError
 from .model import PRESETS, ModelArgs
 from .shard import Shard
 from .tensors import resolve_compute_dtype
@@ -100,6 +100,16 @@ def memory_plan(args: ModelArgs, world: int, storage: str = "bfloat16", dtype: s
               + (2 * args.n_layers + 1) * args.dim * compute.itemsize  # norms
               + seq * args.head_dim * compute.itemsize)  # RoPE table: head_dim / 2 complex numbers per position
     return MemoryPlan(args, world, args.n_layers * per_layer, kv, driver)
+
+
+def check_node_memory(plan: MemoryPlan, actors_on_node: int, who: str) -> None:
+    """DistributedError naming ``who`` when this machine lacks the memory its ``actors_on_node`` actors need."""
+    need, free = plan.actor_total * actors_on_node, available_memory()
+    if free is not None and need > free:
+        raise DistributedError(
+            f"{who}: {actors_on_node} actor(s) on this node need {human(need)} ({human(plan.actor_weights)} of "
+            f"weights and {human(plan.actor_kv_cache)} of KV cache at context {plan.args.max_seq_len} each) but "
+            f"only {human(free)} is available: add machines, use quantize='int8' or a shorter max_seq_len")
 
 
 def read_model_config(path: str | Path, max_seq_len: int | None = None) -> tuple[ModelArgs, str]:
