@@ -1,9 +1,10 @@
 """llama2np: a pure-NumPy reference inference engine for Llama 2."""
 
-from .errors import CheckpointError, ConfigError, InputError, Llama2npError, TokenizerError
-from .generation import Completion, ContextLengthWarning
+from .errors import CheckpointError, ConfigError, ContextLengthWarning, InputError, Llama2npError, TokenizerError
+from .generation.decode import Completion
 from .llama import Llama2
-from .model import PRESETS, ModelArgs, Transformer
+from .model.args import PRESETS, ModelArgs
+from .model.transformer import Transformer
 from .tokenizer import Tokenizer
 
 __all__ = ["Llama2", "Completion", "ContextLengthWarning", "ModelArgs", "PRESETS", "Transformer", "Tokenizer",

@@ -1,5 +1,5 @@
 """``python -m llama2np``: see llama2np.cli."""
 
-from .cli import main
+from .cli.commands import main
 
 raise SystemExit(main())

@@ -27,3 +27,7 @@ class InputError(Llama2npError, ValueError):
 
 class DistributedError(Llama2npError):
     """A tensor-parallel actor or node died, did not answer in time, or cannot hold its slice."""
+
+
+class ContextLengthWarning(UserWarning):
+    """The prompt fitted but the answer was cut at the model's context length."""

@@ -9,13 +9,17 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .errors import InputError, TokenizerError
+from .generation import chat as _chat
+from .generation import decode as _generation
+from .generation.prefix_cache import PrefixCache
 from .loaders import load_checkpoint
-from .model import ModelArgs, Transformer
-from .prefix_cache import PrefixCache
-from .tensors import resolve_compute_dtype
+from .model.args import ModelArgs
+from .model.storage import resolve_compute_dtype
+from .model.transformer import Transformer
 from .progress import layer_callback
 from .tokenizer import Tokenizer
-from . import chat as _chat, compare as _compare, generation as _generation, perplexity as _perplexity
+from .tools import compare as _compare
+from .tools import perplexity as _perplexity
 
 
 class Llama2:
@@ -62,7 +66,7 @@ class Llama2:
         _check_from_pretrained_args(path, tokenizer_path, progress)
         compute = resolve_compute_dtype(dtype)
         if tensor_parallel is not None:
-            from .distributed import DEFAULT_TIMEOUT, load_distributed
+            from .distributed.actors import DEFAULT_TIMEOUT, load_distributed
 
             ckpt, model = load_distributed(path, tensor_parallel, compute, quantize, max_seq_len, progress,
                                            ray_address, ray_timeout or DEFAULT_TIMEOUT)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from llama2np import InputError, Llama2
-from llama2np.chat import dialog_tokens, fit_dialog
-from llama2np.cli import main
+from llama2np.generation.chat import dialog_tokens, fit_dialog
+from llama2np.cli.commands import main
 from tiny_model import tiny_args, tiny_state, write_llama2c
 
 REPO = Path(__file__).resolve().parents[1]

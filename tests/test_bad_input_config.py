@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import warnings
 
 import numpy as np
@@ -16,18 +15,17 @@ import pytest
 
 from conftest import REPO
 from llama2np import CheckpointError, ConfigError, InputError, Llama2, ModelArgs, Transformer
-from llama2np.generation import ContextLengthWarning
+from llama2np.errors import ContextLengthWarning
 from llama2np.loaders import load_checkpoint
 from llama2np.loaders.common import expected_shapes
 from llama2np.loaders.safetensors_file import open_safetensors
 from llama2np.loaders.torch_pickle import load_pth
-from llama2np.kv_cache import KVCache
-from llama2np.model import rope_tables
+from llama2np.model.kv_cache import KVCache
+from llama2np.model.transformer import rope_tables
 from tiny_model import tiny_state
 
-sys.path.insert(0, str(REPO / "scripts"))
-from checkpoint_writers import write_pth, write_safetensors  # noqa: E402
-from make_synthetic_checkpoint import write_hf, write_llama2c, write_meta  # noqa: E402
+from llama2np.testing.writers import write_pth, write_safetensors  # noqa: E402
+from llama2np.testing.synthetic import write_hf, write_llama2c, write_meta  # noqa: E402
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=16)
 DEMO = REPO / "weights" / "demo"

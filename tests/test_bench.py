@@ -1,4 +1,4 @@
-"""scripts/bench.py runs end to end on a tiny shape (its figures are printed, never asserted)."""
+"""scripts/bench/bench.py runs end to end on a tiny shape (its figures are printed, never asserted)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "bench.py"
 
 
 @pytest.mark.parametrize("extra", [[], ["--dtype", "bf16", "--quantize", "int8"]])

@@ -7,7 +7,7 @@ import sentencepiece
 
 from conftest import shared_path
 from llama2np import InputError, Llama2, Tokenizer
-from llama2np.chat import dialog_tokens
+from llama2np.generation.chat import dialog_tokens
 
 BOS, EOS = 1, 2
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import shared_path
 from llama2np import InputError, Llama2
-from llama2np.cli import find_default_model, main
+from llama2np.cli.commands import find_default_model, main
 from tiny_model import tiny_args, tiny_state, train_tokenizer, write_llama2c
 
 
@@ -71,7 +71,7 @@ def test_missing_model_is_one_line_exit_2(tmp_path):
 
 
 def test_no_model_anywhere_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("llama2np.cli.PACKAGE_ROOT", tmp_path)
+    monkeypatch.setattr("llama2np.cli.commands.PACKAGE_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from llama2np import InputError, Llama2, Transformer
-from llama2np.cli import main
-from llama2np.compare import read_logits_npz
+from llama2np.cli.commands import main
+from llama2np.tools.compare import read_logits_npz
 from tiny_model import tiny_args, tiny_state, write_llama2c
 
 ARGS = tiny_args(vocab_size=96, max_seq_len=64)
@@ -69,14 +69,14 @@ def test_perturbed_model_kl_as_computed_here(reference: Llama2, perturbed: Llama
     assert s["perplexity_ref"] == pytest.approx(perplexity_here(ref, IDS), rel=1e-9)
     assert s["perplexity_other"] == pytest.approx(perplexity_here(other, IDS), rel=1e-6)
     assert reference.perplexity is not None  # same numbers as the perplexity command's formula:
-    from llama2np.perplexity import perplexity
+    from llama2np.tools.perplexity import perplexity
     assert s["perplexity_ref"] == pytest.approx(perplexity(reference.model, IDS).perplexity, rel=1e-12)
 
 
 def test_windows_score_every_position_once(reference: Llama2, perturbed: Llama2):
     c = reference.compare({"p": perturbed}, tokens=IDS, window=16, stride=5)["p"]
     assert len(c.kl) == len(IDS) and len(c.nll_ref) == len(IDS) - 1
-    from llama2np.perplexity import perplexity
+    from llama2np.tools.perplexity import perplexity
     assert c.summary["perplexity_ref"] == pytest.approx(perplexity(reference.model, IDS, 16, 5).perplexity, rel=1e-12)
     assert reference.compare(reference, tokens=IDS, window=16, stride=5).summary["kl_max"] == 0
     long_ids = np.resize(IDS, 150)  # longer than the context length: windows make it work

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llama2np import Llama2
-from llama2np.cli import find_default_model
+from llama2np.cli.commands import find_default_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "weights" / "demo"

@@ -19,9 +19,9 @@ import pytest
 from llama2np import Llama2
 from llama2np.errors import ConfigError, DistributedError, Llama2npError
 from llama2np.loaders import load_checkpoint
-from llama2np.model import build_layer, causal_mask, linear_maker, rope_tables
-from llama2np.plan import memory_plan
-from llama2np.shard import Shard, shard_state
+from llama2np.model.transformer import build_layer, causal_mask, linear_maker, rope_tables
+from llama2np.distributed.memory_plan import memory_plan
+from llama2np.distributed.shard import Shard, shard_state
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 META = GOLDEN / "layouts" / "meta_2shard_fp32"  # Meta MP=2: N=2 reads one consolidated.0k.pth per actor
@@ -62,7 +62,7 @@ def test_uneven_split_is_refused():
 
 
 def test_missing_ray_names_the_extra(monkeypatch):
-    from llama2np.distributed import import_ray
+    from llama2np.distributed.actors import import_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(Llama2npError, match=r"pip install 'llama2np\[distributed\]'"):
@@ -130,7 +130,7 @@ def test_actors_hold_their_slices_only(ray_cluster, path, world, quantize):
 
 def test_an_int8_checkpoint_is_cut_int8(ray_cluster, tmp_path):
     """A llama2np int8 checkpoint: actors take their rows (with their scales) and columns of the int8 values."""
-    from llama2np.cli import main
+    from llama2np.cli.commands import main
 
     assert main(["quantize", "--model", str(HF), "--out", str(tmp_path / "int8")]) == 0
     tp = Llama2.from_pretrained(tmp_path / "int8", tensor_parallel=2)
@@ -204,7 +204,7 @@ def test_actor_that_stops_answering_raises_after_the_timeout(ray_cluster):
 
 
 def test_actor_refuses_a_slice_bigger_than_free_memory(ray_cluster):
-    from llama2np.distributed import _Worker
+    from llama2np.distributed.actors import _Worker
 
     spec = {"args": load_checkpoint(META).args.to_params(), "rank": 0, "world": 2, "dtype": "float32",
             "quantize": None, "storage": "float32", "source": str(META), "own_shard": True, "threads": 1,
@@ -218,7 +218,7 @@ def test_actor_refuses_a_slice_bigger_than_free_memory(ray_cluster):
 
 
 def test_cli_logits_with_tensor_parallel(ray_cluster, tmp_path, capsys):
-    from llama2np.cli import main
+    from llama2np.cli.commands import main
 
     ids = " ".join(map(str, IDS))
     assert main(["logits", "--model", str(HF), "--ids", ids, "--out", str(tmp_path / "tp.npy"),
@@ -228,7 +228,7 @@ def test_cli_logits_with_tensor_parallel(ray_cluster, tmp_path, capsys):
 
 
 def test_cli_plan_70b_from_params_json_alone(tmp_path, capsys):
-    from llama2np.cli import main
+    from llama2np.cli.commands import main
 
     (tmp_path / "params.json").write_text('{"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, '
                                           '"n_heads": 64, "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-05, '

@@ -10,11 +10,11 @@ import pytest
 
 from conftest import REPO, shared_path
 from llama2np import InputError, Llama2, Transformer
-from llama2np import drafting, generation
-from llama2np.chat import dialog_tokens
+from llama2np.generation import decode as generation, drafting
+from llama2np.generation.chat import dialog_tokens
 from llama2np.loaders import load_checkpoint
-from llama2np.prefix_cache import PrefixCache
-from llama2np.sampling import log_softmax
+from llama2np.generation.prefix_cache import PrefixCache
+from llama2np.generation.sampling import log_softmax
 from tiny_model import tiny_args, tiny_model, tiny_state
 
 DEMO = REPO / "weights" / "demo"
@@ -83,7 +83,7 @@ def test_prompt_lookup_and_draft_model_greedy_on_the_demo_model(demo):
 
 @pytest.mark.parametrize("storage", ["float32", "bf16"])  # bf16: the tiled path 7B decodes through
 def test_random_model_with_a_fewer_layer_draft(monkeypatch, storage):
-    from llama2np.tensors import float32_to_bf16
+    from llama2np.model.storage import float32_to_bf16
     monkeypatch.setattr(generation, "LLAMA_EOS", -1)
     args = tiny_args(max_seq_len=64)
     deep = type(args)(**{**args.to_params(), "n_layers": 4})
@@ -128,7 +128,7 @@ def test_sampling_with_prompt_lookup_reproduces_with_a_seed(stories):
 
 def exact_marginals(model: Llama2, prompt: list[int], temperature: float, top_k: int) -> list[np.ndarray]:
     """p(token 2) and p(token 3) after ``prompt``, by summing over every path under the filtered distributions."""
-    from llama2np.sampling import SamplingParams, filtered_probs
+    from llama2np.generation.sampling import SamplingParams, filtered_probs
     params = SamplingParams(temperature, 1.0, top_k)
     V = model.args.vocab_size
     p1 = filtered_probs(model.logits(prompt, reuse_cache=False)[-1:], params)[0]  # (V,)
@@ -274,10 +274,10 @@ def test_bad_speculative_arguments_are_input_errors(stories):
 
 
 def test_speculative_bench_runs(tmp_path):
-    """scripts/bench.py --speculative runs end to end on small models (its figures are printed, never asserted)."""
+    """scripts/bench/bench.py --speculative runs end to end on small models (its figures are printed, never asserted)."""
     import subprocess
     import sys
-    bench = [sys.executable, str(REPO / "scripts" / "bench.py"), "--speculative"]
+    bench = [sys.executable, str(REPO / "scripts" / "bench" / "bench.py"), "--speculative"]
     costs = tmp_path / "costs.json"
     proc = subprocess.run(bench + ["positions", str(DEMO), "--sizes", "1,2", "--runs", "1", "--save", str(costs)],
                           capture_output=True, text=True, timeout=120)
@@ -289,7 +289,7 @@ def test_speculative_bench_runs(tmp_path):
 
 
 def test_cli_prompt_lookup_and_draft_model_print_the_same_text_and_their_counts(capsys):
-    from llama2np.cli import main
+    from llama2np.cli.commands import main
     bin_, tok = shared_path("stories260K", "stories260K.bin"), shared_path("stories260K", "tok512.model")
     base = ["generate", "--model", str(bin_), "--tokenizer", str(tok), "--prompt", REPEAT, "--temperature", "0",
             "--max-new-tokens", "40"]

@@ -9,9 +9,10 @@ import pytest
 
 from conftest import shared_path
 from llama2np import InputError, Llama2
-from llama2np import generation
-from llama2np.generation import Completion, ContextLengthWarning
-from llama2np.sampling import log_softmax
+from llama2np.generation import decode as generation
+from llama2np.generation.decode import Completion
+from llama2np.errors import ContextLengthWarning
+from llama2np.generation.sampling import log_softmax
 from tiny_model import tiny_args, tiny_model
 
 PROMPTS = [[1, 17, 40], [1], [1, 99, 3, 250, 7, 12, 61], [1, 5, 6, 7]]

@@ -1,9 +1,9 @@
 """GGUF checkpoints (the ``gguf`` extra): golden logits, every tensor type, the embedded vocabulary, bad files.
 
-Golden files (tests/golden/gguf/, written by scripts/make_gguf_golden.py): the
+Golden files (tests/golden/gguf/, written by scripts/golden/make_gguf_golden.py): the
 F32 file must give the HF float64 logits of the layouts model like every other
 layout; each file gives the HF float64 logits of the weights gguf's own reader
-dequantizes from it. Other GGUFs are written here with scripts/gguf_export.py
+dequantizes from it. Other GGUFs are written here with scripts/checkpoints/gguf_export.py
 (gguf.GGUFWriter, llama.cpp's conventions) and read back tensor by tensor
 against ``gguf.quants.dequantize``.
 """
@@ -11,7 +11,6 @@ against ``gguf.quants.dequantize``.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,7 @@ from llama2np.loaders import load_checkpoint  # noqa: E402
 from llama2np.tokenizer import Tokenizer  # noqa: E402
 from test_golden import GOLDEN, DTYPES, check_against_reference, load_reference, max_abs_error  # noqa: E402
 
-sys.path.insert(0, str(REPO / "scripts"))
-import gguf_export as ge  # noqa: E402
+from llama2np.testing import gguf_export as ge  # noqa: E402
 
 GGUF_MANIFEST = json.loads((GOLDEN / "gguf" / "manifest.json").read_text())
 

@@ -1,4 +1,4 @@
-"""llama2np's logits against independent float64 references (HF transformers, see scripts/make_golden.py).
+"""llama2np's logits against independent float64 references (HF transformers, see scripts/golden/make_golden.py).
 
 Every checkpoint under tests/golden/ (Meta single-file and 2-shard, HF
 safetensors single and sharded, fp32 and bf16) and the llama2.c stories260K

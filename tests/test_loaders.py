@@ -9,7 +9,6 @@ golden comparison against HF transformers lives in test_golden.py.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +18,11 @@ from conftest import REPO, shared_path
 from llama2np import CheckpointError, ConfigError, Llama2, Llama2npError, ModelArgs, TokenizerError, Transformer
 from llama2np.loaders import load_checkpoint
 from llama2np.loaders.common import expected_shapes
-from llama2np.tensors import float32_to_bf16
+from llama2np.model.storage import float32_to_bf16
 
-sys.path.insert(0, str(REPO / "scripts"))
-from checkpoint_writers import (BF16, PROTO, REDUCE, STOP, op_global, op_str, op_tuple,  # noqa: E402
-                                write_pth, write_safetensors)
-from make_synthetic_checkpoint import write_hf, write_llama2c, write_meta  # noqa: E402
+from llama2np.testing.writers import (BF16, PROTO, REDUCE, STOP, op_global, op_str, op_tuple,  # noqa: E402
+                                      write_pth, write_safetensors)
+from llama2np.testing.synthetic import write_hf, write_llama2c, write_meta  # noqa: E402
 
 # hidden size 96, derived from dim and multiple_of as Meta's params.json implies
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=16)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from llama2np import InputError, Llama2
-from llama2np.cli import main
-from llama2np.logits_file import read_prompts, write_logits_npz
+from llama2np.cli.commands import main
+from llama2np.tools.logits_file import read_prompts, write_logits_npz
 from tiny_model import tiny_args, tiny_state, train_tokenizer, write_llama2c
 
 

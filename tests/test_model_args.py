@@ -7,7 +7,7 @@ import json
 import pytest
 
 from llama2np import ConfigError, Llama2npError
-from llama2np.model import PRESETS, ModelArgs
+from llama2np.model.args import PRESETS, ModelArgs
 
 # (hidden size, kv heads, total parameters) of Meta's Llama 2 release
 PUBLISHED = {

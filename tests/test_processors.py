@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from llama2np import InputError
-from llama2np.cli import main
-from llama2np.sampling import SamplingParams, filtered_probs, process_logits
+from llama2np.cli.commands import main
+from llama2np.generation.sampling import SamplingParams, filtered_probs, process_logits
 from tiny_model import tiny_model
 
 GOLDEN = np.load(Path(__file__).parent / "golden" / "sampling.npz")

@@ -11,13 +11,14 @@ import pytest
 
 from conftest import shared_path
 from llama2np import Llama2
-from llama2np import linear as linear_mod
-from llama2np import parallel
-from llama2np import tensors as tensors_mod
+from llama2np.model import linear as linear_mod
+from llama2np.model import threads as parallel
+from llama2np.model import storage as tensors_mod
 from llama2np.errors import CheckpointError, InputError
-from llama2np.linear import Int8Linear, Linear, quantize_int8, release_pages
-from llama2np.model import ModelArgs, Transformer
-from llama2np.tensors import bf16_to_float32, float32_to_bf16
+from llama2np.model.linear import Int8Linear, Linear, quantize_int8, release_pages
+from llama2np.model.args import ModelArgs
+from llama2np.model.transformer import Transformer
+from llama2np.model.storage import bf16_to_float32, float32_to_bf16
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 rng = np.random.default_rng(0)
@@ -223,7 +224,7 @@ def test_bf16_model_decodes_like_its_float32_copy():
 
 @pytest.mark.parametrize("name,dtype", [("mqa_bf16", "float32"), ("layouts/hf_bf16", "float64"), ("gqa2", "float32")])
 def test_quantized_checkpoint_gives_the_logits_of_quantizing_at_load(name, dtype, tmp_path):
-    from llama2np.cli import main
+    from llama2np.cli.commands import main
 
     src, out = GOLDEN / name, tmp_path / "int8"
     assert main(["quantize", "--model", str(src), "--out", str(out)]) == 0
@@ -242,7 +243,7 @@ def test_quantized_checkpoint_gives_the_logits_of_quantizing_at_load(name, dtype
 
 def test_quantize_refuses_a_non_empty_out_dir_and_a_foreign_int8_config(tmp_path):
     from llama2np.errors import CheckpointError
-    from llama2np.quantize import quantize_checkpoint
+    from llama2np.loaders.int8_writer import quantize_checkpoint
 
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llama2np.cli import build_parser
+from llama2np.cli.commands import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -47,7 +47,7 @@ def test_quick_start_makes_a_virtual_environment_before_pip():
 
 def test_documented_names_are_exported():
     import llama2np
-    from llama2np import generation
+    from llama2np.generation import decode as generation
 
     assert llama2np.ContextLengthWarning is generation.ContextLengthWarning
     assert llama2np.Completion is generation.Completion and "prompt_ids" in README

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llama2np import InputError
-from llama2np.sampling import SamplingParams, check_sampling, filtered_probs, make_rngs, sample
+from llama2np.generation.sampling import SamplingParams, check_sampling, filtered_probs, make_rngs, sample
 
 
 def kept(probs: np.ndarray) -> set[int]:

@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import CheckpointError
-from ..model import ModelArgs
+from ..model.args import ModelArgs
 from .common import check_max_seq_len, validate
 from .gguf import find_gguf_file, is_gguf_file, load_gguf, sentencepiece_model
 from .hf import is_hf_dir, load_hf

@@ -10,12 +10,11 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from ..config import MAX_SEQ_LEN, field_problem
 from ..errors import CheckpointError, ConfigError, InputError
-from ..linear import QuantizedTensor
-from ..model import ModelArgs
+from ..model.args import MAX_SEQ_LEN, ModelArgs, field_problem
+from ..model.linear import QuantizedTensor
+from ..model.storage import STORAGE_DTYPES
 from ..progress import bar
-from ..tensors import STORAGE_DTYPES
 
 
 class LazyStateDict(Mapping):
@@ -92,7 +91,7 @@ def make_args(params: Mapping, source: Path | str, max_seq_len: int | None = Non
     if max_seq_len is None:
         return args
     if max_seq_len > args.max_seq_len:
-        from ..generation import ContextLengthWarning
+        from ..errors import ContextLengthWarning
 
         warnings.warn(f"max_seq_len={max_seq_len} is past the {args.max_seq_len} positions the model at {source} "
                       "was trained on: expect worse text beyond them", ContextLengthWarning, stacklevel=4)

@@ -48,9 +48,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
-from ..linear import TILE_ELEMENTS, release_pages
-from ..parallel import num_threads, run_parallel
-from ..tensors import BF16, float32_to_bf16
+from ..model.linear import TILE_ELEMENTS, release_pages
+from ..model.storage import BF16, float32_to_bf16
+from ..model.threads import num_threads, run_parallel
 from .common import LazyStateDict, make_args
 
 # GGUF name (after "blk.N.") -> Meta name (after "layers.N.")

@@ -16,10 +16,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import check_fields, require_object
 from ..errors import CheckpointError, ConfigError
-from ..model import ModelArgs
-from ..tensors import is_bf16
+from ..model.args import ModelArgs, check_fields, require_object
+from ..model.storage import is_bf16
 from .common import LazyStateDict, make_args, progress_bar
 from .safetensors_file import open_safetensors
 from .torch_pickle import load_pth

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import require_object
 from ..errors import CheckpointError
-from ..linear import QuantizedTensor
+from ..model.args import require_object
+from ..model.linear import QuantizedTensor
 from .common import LazyStateDict, make_args
 from .safetensors_file import open_safetensors
 

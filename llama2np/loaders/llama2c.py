@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from ..model import ModelArgs
+from ..model.args import ModelArgs
 from .common import make_args
 
 HEADER = np.dtype([(name, "<i4") for name in

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import field_problem, require_object
 from ..errors import CheckpointError, ConfigError
-from ..tensors import is_bf16
+from ..model.args import field_problem, require_object
+from ..model.storage import is_bf16
 from .common import LazyStateDict, make_args, progress_bar
 from .torch_pickle import load_pth
 

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CheckpointError
-from ..tensors import BF16
+from ..model.storage import BF16
 
 DTYPES = {"BF16": BF16, "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
           "I8": np.dtype("i1")}  # int8: llama2np's own quantized checkpoints

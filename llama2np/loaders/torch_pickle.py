@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from ..tensors import BF16
+from ..model.storage import BF16
 
 # torch storage class -> dtype of its elements
 _STORAGE_DTYPES = {

@@ -1,0 +1,1 @@
+"""Tensor parallelism: shards of a checkpoint, the memory plan, and the Ray actors that run them."""

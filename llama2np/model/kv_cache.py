@@ -1,0 +1,53 @@
+"""The KV cache: keys and values of every layer for the positions a sequence has seen."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .args import ModelArgs
+
+
+class KVCache:
+    """Keys and values of every layer for the positions already seen: k, v (n_layers, batch,
+    n_kv_heads, capacity, head_dim). The capacity grows (``reserve``) as calls reach further, up
+    to max_seq_len; np.zeros maps pages lazily, so it costs memory only as it fills."""
+
+    INITIAL = 4096  # positions allocated at first (Llama 2's context)
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: np.dtype,
+                 n_kv_heads: int | None = None):
+        """``n_kv_heads``: the key/value heads this process computes (default all; fewer for a
+        tensor-parallel slice, see ``Shard``)."""
+        self.max_seq_len = max_seq_len
+        shape = (args.n_layers, batch_size, n_kv_heads or args.n_kv_heads, min(max_seq_len, self.INITIAL),
+                 args.head_dim)
+        self.k, self.v = np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=dtype)
+
+    def reserve(self, end: int) -> None:
+        """Make room for positions [0, end), end <= max_seq_len."""
+        have = self.k.shape[3]
+        if end > have:
+            shape = (*self.k.shape[:3], min(self.max_seq_len, max(end, 2 * have)), self.k.shape[4])
+            k, v = np.zeros(shape, self.k.dtype), np.zeros(shape, self.v.dtype)
+            k[:, :, :, :have], v[:, :, :, :have] = self.k, self.v
+            self.k, self.v = k, v
+
+    def keep_rows(self, keep: np.ndarray, upto: int) -> "KVCache":
+        """A smaller cache holding only the batch rows where ``keep`` (bool, (batch,)) is True.
+
+        Positions < ``upto`` (all that is filled) are copied.
+        """
+        smaller = object.__new__(KVCache)
+        smaller.max_seq_len = self.max_seq_len
+        shape = (self.k.shape[0], int(np.count_nonzero(keep)), *self.k.shape[2:])
+        smaller.k, smaller.v = np.zeros(shape, self.k.dtype), np.zeros(shape, self.v.dtype)
+        smaller.k[:, :, :, :upto] = self.k[:, keep, :, :upto]
+        smaller.v[:, :, :, :upto] = self.v[:, keep, :, :upto]
+        return smaller
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]

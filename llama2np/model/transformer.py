@@ -1,0 +1,280 @@
+"""The Llama 2 transformer in NumPy: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Reads top to bottom like the forward pass (Touvron et al. 2023, and Meta's
+``llama/model.py``):
+
+    tokens -> tok_embeddings -> n_layers x [ h += attention(attention_norm(h))
+                                              h += feed_forward(ffn_norm(h)) ]
+           -> norm -> output -> logits
+
+Weights arrive as a dict in Meta's naming and layout (``layers.0.attention.wq.weight``
+...); every loader maps its format onto that. wq/wk rows are in Meta's RoPE
+order: each head's dimensions are (real, imaginary) pairs side by side.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..errors import InputError
+from .args import ModelArgs
+from .kv_cache import KVCache
+from .linear import Int8Linear, Linear, QuantizedTensor
+from .storage import to_float
+from .threads import blas_threads
+
+# --- the blocks -------------------------------------------------------------------------
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight, over the last axis."""
+    ms = np.square(x).sum(axis=-1, keepdims=True) / x.shape[-1]
+    return x * (1.0 / np.sqrt(ms + eps)) * weight
+
+
+def rope_tables(args: ModelArgs, dtype: np.dtype, length: int | None = None) -> np.ndarray:
+    """e^(i * position * frequency) for positions [0, length) (default max_seq_len): (length, head_dim // 2) complex.
+
+    Meta's ``freqs_cis``. Angles are computed in float64 and only then rounded to
+    the compute dtype, so float64 logits are not limited by a float32 angle.
+    """
+    half = args.head_dim // 2
+    freqs = 1.0 / args.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / args.head_dim)
+    angles = np.outer(np.arange(args.max_seq_len if length is None else length, dtype=np.float64), freqs)
+    rotation = np.empty(angles.shape, dtype=np.result_type(dtype, np.complex64))
+    rotation.real, rotation.imag = np.cos(angles), np.sin(angles)
+    return rotation
+
+
+class RopeTable:
+    """``rope_tables`` built as far as calls reach (doubling, at most max_seq_len), so a long
+    max_seq_len costs memory only once positions that far are used."""
+
+    def __init__(self, args: ModelArgs, dtype: np.dtype):
+        self.args, self.dtype, self.table = args, dtype, rope_tables(args, dtype, 0)
+
+    def __call__(self, start: int, end: int) -> np.ndarray:
+        """Rotations of positions [start, end): (end - start, head_dim // 2) complex."""
+        if end > len(self.table):
+            length = min(self.args.max_seq_len, max(end, 2 * len(self.table), 256))
+            self.table = rope_tables(self.args, self.dtype, length)
+        return self.table[start:end]
+
+
+def apply_rope(x: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """Rotate each (even, odd) pair of a head's dimensions by its position's angle.
+
+    x: (batch, seq, heads, head_dim); rotation: (seq, head_dim // 2) from
+    ``rope_tables``. This is Meta's layout: dimension pairs (2i, 2i+1) form the
+    complex number rotated by frequency i (HF reorders the rows of wq/wk so it
+    can rotate halves instead; loaders undo that).
+    """
+    # A (real, imaginary) pair is laid out exactly like one complex number, so the
+    # rotation is one complex multiply, as in Meta's code (view_as_complex).
+    pairs = np.ascontiguousarray(x).view(rotation.dtype)  # (batch, seq, heads, head_dim/2)
+    return (pairs * rotation[:, None, :]).view(x.dtype)
+
+
+# softmax and silu work in place on one new array: at prefill their inputs are the biggest
+# arrays of the forward pass (scores: batch x heads x seq x seq), and every extra temporary
+# is another trip through memory.
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = x - x.max(axis=-1, keepdims=True)
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x) = x / (1 + exp(-x))."""
+    s = np.negative(x)
+    np.exp(s, out=s)
+    s += 1.0
+    return np.divide(x, s, out=s)
+
+
+class Attention:
+    """Multi-head self-attention with grouped key/value heads and rotary positions.
+
+    It computes the heads whose rows ``wqkv`` holds: all of them, or a tensor-parallel
+    slice (then ``wo`` holds the matching columns and the output is a partial sum).
+    """
+
+    def __init__(self, args: ModelArgs, wqkv: Linear, wo: Linear):
+        self.head_dim = args.head_dim
+        self.n_heads, self.n_kv_heads = wqkv.sizes[0] // self.head_dim, wqkv.sizes[1] // self.head_dim
+        self.wqkv, self.wo = wqkv, wo  # wqkv: wq, wk and wv stacked, one pass over x for all three
+
+    def __call__(self, x, start_pos, rotation, mask, cache_k=None, cache_v=None):
+        bsz, seqlen, _ = x.shape
+        g, r, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv.split(self.wqkv(x))
+        q = q.reshape(bsz, seqlen, self.n_heads, hd)
+        k = k.reshape(bsz, seqlen, g, hd)
+        v = v.reshape(bsz, seqlen, g, hd)
+        q, k = apply_rope(q, rotation), apply_rope(k, rotation)
+
+        k = k.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, head_dim)
+        v = v.transpose(0, 2, 1, 3)
+        if cache_k is not None:
+            end = start_pos + seqlen
+            cache_k[:, :, start_pos:end] = k
+            cache_v[:, :, start_pos:end] = v
+            k, v = cache_k[:, :, :end], cache_v[:, :, :end]  # (batch, kv_heads, kv_len, head_dim)
+
+        # Query head h uses key/value head h // r: group the r query heads of each kv head
+        # on one axis so the matmul broadcasts over them instead of copying K and V r times.
+        q = q.reshape(bsz, seqlen, g, r, hd).transpose(0, 2, 3, 1, 4)  # (batch, kv_heads, r, seq, hd)
+        q = q.reshape(bsz, g, r * seqlen, hd)
+        scores = q @ k.transpose(0, 1, 3, 2)  # (batch, kv_heads, r*seq, kv_len)
+        scores *= 1.0 / math.sqrt(hd)
+        scores = scores.reshape(bsz, g, r, seqlen, -1)
+        if mask is not None:
+            scores += mask  # (seq, kv_len) broadcast
+        probs = softmax(scores).reshape(bsz, g, r * seqlen, -1)
+        out = (probs @ v).reshape(bsz, g, r, seqlen, hd)  # (batch, kv_heads, r, seq, hd)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(bsz, seqlen, -1)  # (batch, seq, dim)
+        return self.wo(out)
+
+
+class FeedForward:
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, w13: Linear, w2: Linear):
+        self.w13, self.w2 = w13, w2  # w13: w1 and w3 stacked, one pass over x for both
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        gate, up = self.w13.split(self.w13(x))
+        h = silu(gate)
+        h *= up
+        return self.w2(h)
+
+
+def linear_maker(params: Mapping[str, np.ndarray], dtype: np.dtype, quantize: str | None = None):
+    """``lin(*names)``: one ``Linear`` (``Int8Linear`` when quantize="int8") over the named matrices, stacked."""
+    if quantize not in (None, "int8"):
+        raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
+    def lin(*names: str) -> Linear:
+        weights = [params[n] for n in names]
+        # a quantized checkpoint's matrices are int8 already, whatever was asked for
+        quantized = quantize == "int8" or any(isinstance(w, QuantizedTensor) for w in weights)
+        layer = (Int8Linear if quantized else Linear)(weights, dtype)
+        if quantize and hasattr(params, "release"):  # the float originals are no longer needed
+            for n in names:
+                params.release(n)
+        return layer
+
+    return lin
+
+
+def build_layer(args: ModelArgs, params: Mapping[str, np.ndarray], i: int, lin) -> tuple[Attention, FeedForward]:
+    """Layer ``i``'s attention and feed-forward from ``params`` (whole, or a tensor-parallel slice)."""
+    p = f"layers.{i}."
+    attention = Attention(args, lin(*(p + f"attention.{w}.weight" for w in ("wq", "wk", "wv"))),
+                          lin(p + "attention.wo.weight"))
+    ffn = FeedForward(lin(p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"),
+                      lin(p + "feed_forward.w2.weight"))
+    return attention, ffn
+
+
+def causal_mask(seqlen: int, start_pos: int, dtype: np.dtype) -> np.ndarray | None:
+    """(seq, start_pos + seq) additive mask: token i attends to cached positions and new positions <= i.
+
+    None for one token, which attends to everything before it.
+    """
+    if seqlen == 1:
+        return None
+    return np.triu(np.full((seqlen, start_pos + seqlen), -np.inf, dtype=dtype), k=start_pos + 1)
+
+
+class TransformerBlock:
+    def __init__(self, args: ModelArgs, attention: Attention, feed_forward: FeedForward,
+                 attention_norm: np.ndarray, ffn_norm: np.ndarray):
+        self.eps = args.norm_eps
+        self.attention, self.feed_forward = attention, feed_forward
+        self.attention_norm, self.ffn_norm = attention_norm, ffn_norm
+
+    def __call__(self, x, start_pos, rotation, mask, cache_k=None, cache_v=None):
+        h = x + self.attention(rms_norm(x, self.attention_norm, self.eps), start_pos, rotation, mask,
+                               cache_k, cache_v)
+        return h + self.feed_forward(rms_norm(h, self.ffn_norm, self.eps))
+
+
+class Transformer:
+    """The whole network. ``forward`` maps token ids to next-token logits."""
+
+    progress: bool | None = None  # bars on long prefills and perplexity runs: None = on a terminal or in a notebook
+
+    def __init__(self, args: ModelArgs, params: Mapping[str, np.ndarray], dtype: str | np.dtype = "float32",
+                 quantize: str | None = None):
+        """``quantize``: None (weights as stored) or "int8" (weight-only, per-row scales)."""
+        self.args, self.dtype = args, np.dtype(dtype)
+        lin = linear_maker(params, self.dtype, quantize)
+
+        def vec(name):  # norms are tiny: keep them in the compute dtype
+            return to_float(params[name], self.dtype)
+
+        self.tok_embeddings = params["tok_embeddings.weight"]  # (vocab, dim), any storage dtype
+        self.layers = []
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            attention, ffn = build_layer(args, params, i, lin)
+            self.layers.append(TransformerBlock(args, attention, ffn, vec(p + "attention_norm.weight"),
+                                                vec(p + "ffn_norm.weight")))
+        self.norm = vec("norm.weight")
+        self.output = lin("output.weight")
+        self.tiled = any(m.tiled for m in self.linears())  # some weights are widened tile by tile
+        self.rope = RopeTable(args, self.dtype)
+
+    def linears(self) -> list[Linear]:
+        """Every weight matrix of the network (stacked ones as one), embedding excluded."""
+        mats = [m for l in self.layers for m in (l.attention.wqkv, l.attention.wo,
+                                                 l.feed_forward.w13, l.feed_forward.w2)]
+        return mats + [self.output]
+
+    def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
+        return KVCache(self.args, batch_size, max_seq_len or self.args.max_seq_len, self.dtype)
+
+    def forward(self, tokens: np.ndarray, start_pos: int = 0, cache: KVCache | None = None,
+                on_layer: Callable[[int], None] | None = None) -> np.ndarray:
+        """Logits for every position of ``tokens`` (batch, seq) -> (batch, seq, vocab).
+
+        Without a cache the tokens are a whole sequence starting at position 0.
+        With a cache they continue it at ``start_pos``: their keys and values
+        are stored and they attend to everything before them.
+        ``on_layer(i)`` is called after layer i (progress bars on long forwards).
+        """
+        tokens = np.asarray(tokens)
+        bsz, seqlen = tokens.shape
+        end = start_pos + seqlen
+        limit = cache.max_seq_len if cache is not None else self.args.max_seq_len
+        if cache is None and start_pos != 0:
+            raise InputError("start_pos > 0 needs the KV cache that holds the earlier positions")
+        if end > limit:
+            raise InputError(f"positions {start_pos}..{end - 1} exceed the context length {limit}")
+        if cache is not None and cache.batch_size != bsz:
+            raise InputError(f"batch of {bsz} sequences does not match the cache's {cache.batch_size}")
+        if seqlen == 0:
+            raise InputError("forward needs at least one token")
+        if cache is not None:
+            cache.reserve(end)
+
+        h = to_float(self.tok_embeddings[tokens], self.dtype)  # (batch, seq, dim)
+        rotation = self.rope(start_pos, end)  # (seq, head_dim // 2)
+        mask = causal_mask(seqlen, start_pos, self.dtype)
+        # Our threads split the weight multiplies (widening bf16/int8 tiles), one BLAS thread each
+        # (see linear.py and parallel.py).
+        with blas_threads(1):
+            for i, layer in enumerate(self.layers):
+                ck = cache.k[i] if cache is not None else None
+                cv = cache.v[i] if cache is not None else None
+                h = layer(h, start_pos, rotation, mask, ck, cv)
+                if on_layer is not None:
+                    on_layer(i)
+            h = rms_norm(h, self.norm, self.args.norm_eps)
+            return self.output(h)  # (batch, seq, vocab)

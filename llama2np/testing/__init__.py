@@ -1,0 +1,1 @@
+"""Torch-free checkpoint writers for tests and benchmarks: .pth and safetensors, synthetic checkpoints, GGUF."""

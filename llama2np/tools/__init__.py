@@ -1,0 +1,1 @@
+"""Tools beside generation: logits comparison, perplexity, logits files."""
