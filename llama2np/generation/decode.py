@@ -23,6 +23,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ..checks import is_int
 from ..errors import ContextLengthWarning, InputError
 from ..model.transformer import Transformer
 from ..progress import layer_callback
@@ -211,7 +212,7 @@ def run(model: Transformer, rows: list[_Row], params: SamplingParams, rngs: list
 def _as_prompts(prompt) -> tuple[list, bool]:
     """(list of single prompts, whether a batch was given); each prompt a str or a list of ints."""
     def single(p) -> bool:
-        return isinstance(p, str) or (isinstance(p, (list, tuple, np.ndarray)) and all(_is_int(t) for t in p))
+        return isinstance(p, str) or (isinstance(p, (list, tuple, np.ndarray)) and all(is_int(t) for t in p))
 
     if single(prompt):
         return [prompt], False
@@ -223,15 +224,11 @@ def _as_prompts(prompt) -> tuple[list, bool]:
 
 def _describe(prompt) -> str:
     if isinstance(prompt, (list, tuple)):
-        odd = next((p for p in prompt if not (isinstance(p, str) or _is_int(p))), None)
+        odd = next((p for p in prompt if not (isinstance(p, str) or is_int(p))), None)
         if odd is not None and not isinstance(odd, (list, tuple)):
             return f"a list containing {type(odd).__name__} {odd!r}"
         return "a list mixing strs, ints and lists"
     return f"{type(prompt).__name__}"
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _prompt_ids(p, tokenizer: Tokenizer | None, vocab_size: int, max_seq_len: int) -> list[int]:

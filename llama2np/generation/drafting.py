@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..checks import is_int
 from ..errors import InputError
 from ..model.transformer import Transformer
 from .prefix_cache import PrefixCache
@@ -93,9 +94,9 @@ class DraftModel:
 def make_drafter(prompt_lookup: int | None, draft_model: Transformer | None, num_draft: int | None,
                  target: Transformer, draft_prefix: PrefixCache | None = None):
     """(drafter or None, K) from generate's arguments, or InputError naming the bad one."""
-    if prompt_lookup is not None and (not _is_int(prompt_lookup) or prompt_lookup < 1):
+    if prompt_lookup is not None and (not is_int(prompt_lookup) or prompt_lookup < 1):
         raise InputError(f"prompt_lookup must be an n-gram length >= 1 (or None), got {prompt_lookup!r}")
-    if num_draft is not None and (not _is_int(num_draft) or num_draft < 1):
+    if num_draft is not None and (not is_int(num_draft) or num_draft < 1):
         raise InputError(f"num_draft must be an integer >= 1, got {num_draft!r}")
     if prompt_lookup is not None and draft_model is not None:
         raise InputError("choose one drafter: prompt_lookup or draft_model, not both")
@@ -109,10 +110,6 @@ def make_drafter(prompt_lookup: int | None, draft_model: Transformer | None, num
     if num_draft is not None:
         raise InputError("num_draft needs a drafter: prompt_lookup=N or draft_model=...")
     return None, 0
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def decode_row(row, params: SamplingParams, rng: np.random.Generator, stats, prefix: PrefixCache,

@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..checks import is_int, is_number
 from ..errors import InputError
 
 
@@ -50,15 +51,11 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
 def check_sampling(temperature, top_p, top_k, max_new_tokens=0) -> None:
     """Raise InputError naming the first bad sampling argument."""
-    if not _is_number(temperature) or not temperature >= 0 or not np.isfinite(temperature):
+    if not is_number(temperature) or not temperature >= 0 or not np.isfinite(temperature):
         raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if not _is_number(top_p) or not 0 < top_p <= 1:
+    if not is_number(top_p) or not 0 < top_p <= 1:
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
     if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1):
         raise InputError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
@@ -70,22 +67,22 @@ def check_sampling(temperature, top_p, top_k, max_new_tokens=0) -> None:
 def check_processors(min_p=0.0, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
                      logit_bias=None, vocab_size: int | None = None) -> None:
     """Raise InputError naming the first bad penalty, min_p or logit_bias."""
-    if not _is_number(min_p) or not 0 <= min_p <= 1:
+    if not is_number(min_p) or not 0 <= min_p <= 1:
         raise InputError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
-    if not _is_number(repetition_penalty) or not 0 < repetition_penalty < np.inf:
+    if not is_number(repetition_penalty) or not 0 < repetition_penalty < np.inf:
         raise InputError(f"repetition_penalty must be a number > 0 (1 = off), got {repetition_penalty!r}")
     for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
-        if not _is_number(value) or not np.isfinite(value):
+        if not is_number(value) or not np.isfinite(value):
             raise InputError(f"{name} must be a finite number (0 = off; OpenAI uses -2..2), got {value!r}")
     if logit_bias is None:
         return
     if not isinstance(logit_bias, Mapping):
         raise InputError(f"logit_bias must be a dict of token id -> added logit, got {type(logit_bias).__name__}")
     for token, bias in logit_bias.items():
-        if not _is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
+        if not is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
             where = f" [0, {vocab_size})" if vocab_size is not None else " (an int >= 0)"
             raise InputError(f"logit_bias key {token!r} is not a token id in the vocabulary{where}")
-        if not _is_number(bias) or np.isnan(bias) or bias == np.inf:
+        if not is_number(bias) or np.isnan(bias) or bias == np.inf:
             raise InputError(f"logit_bias[{token}] must be a finite number or -inf (ban), got {bias!r}")
 
 
@@ -231,12 +228,10 @@ def make_rngs(seed, batch_size: int) -> list[np.random.Generator]:
             raise InputError(f"got {len(seed)} seeds for {batch_size} prompts")
         seeds = list(seed)
     else:
-        seeds = [seed + i if _is_int(seed) else seed for i in range(batch_size)]
+        seeds = [seed + i if is_int(seed) else seed for i in range(batch_size)]
     for s in seeds:
-        if not _is_int(s) or s < 0:
+        if not is_int(s) or s < 0:
             raise InputError(f"seed must be an integer >= 0 (or None), got {s!r}")
     return [np.random.default_rng(int(s)) for s in seeds]
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
