@@ -17,3 +17,19 @@ def shared_path(*parts: str) -> Path:
         pytest.skip(f"../shared/data/{'/'.join(parts)} not found: tests that need the shared real-weight "
                     "data are skipped in a clone without ../shared")
     return path
+
+
+def _register_hypothesis_profiles() -> None:
+    """CI runs a small, derandomized profile; HYPOTHESIS_PROFILE=long explores more locally."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # hypothesis is in the test extra; without it the property tests skip
+        return
+    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=True, **common)
+    settings.register_profile("long", max_examples=500, **common)
+    import os
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_register_hypothesis_profiles()
