@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from llama2np import Llama2, ModelArgs, Tokenizer, Transformer
+from llama2np.loaders.common import expected_shapes
 
 WORDS = ("once upon a time there was a little llama who liked to run and jump in the big green park "
          "with her friends the dog and the cat ; every day they sang songs , ate apples and played ball .").split()
@@ -19,23 +20,19 @@ def tiny_args(vocab_size: int = 320, max_seq_len: int = 48) -> ModelArgs:
 
 
 def tiny_state(args: ModelArgs, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights in Meta's naming; scaled so the logits are far from uniform."""
+    """Random float32 weights for every tensor the loaders expect (Meta's naming); norms are ones.
+
+    Scaled so the logits are far from uniform: the embedding by sqrt(dim), the output by 4.
+    """
     rng = np.random.default_rng(seed)
-    d, kv, h = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    scale = {"tok_embeddings.weight": np.sqrt(args.dim), "output.weight": 4.0}
 
-    def w(*shape, scale=1.0):
-        return (rng.normal(size=shape) * scale / np.sqrt(shape[-1])).astype(np.float32)
+    def w(name, shape):
+        if len(shape) == 1:
+            return np.ones(shape, np.float32)
+        return (rng.normal(size=shape) * scale.get(name, 1.0) / np.sqrt(shape[-1])).astype(np.float32)
 
-    state = {"tok_embeddings.weight": w(args.vocab_size, d, scale=np.sqrt(d)), "norm.weight": np.ones(d, np.float32),
-             "output.weight": w(args.vocab_size, d, scale=4.0)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        state.update({p + "attention.wq.weight": w(d, d), p + "attention.wk.weight": w(kv, d),
-                      p + "attention.wv.weight": w(kv, d), p + "attention.wo.weight": w(d, d),
-                      p + "feed_forward.w1.weight": w(h, d), p + "feed_forward.w2.weight": w(d, h),
-                      p + "feed_forward.w3.weight": w(h, d),
-                      p + "attention_norm.weight": np.ones(d, np.float32), p + "ffn_norm.weight": np.ones(d, np.float32)})
-    return state
+    return {name: w(name, shape) for name, shape in expected_shapes(args).items()}
 
 
 def tiny_model(args: ModelArgs | None = None, tokenizer: Tokenizer | None = None, seed: int = 0) -> Llama2:

@@ -29,12 +29,6 @@ def tiny() -> Llama2:
     return tiny_model()  # token ids only: no tokenizer
 
 
-@pytest.fixture(scope="module")
-def stories() -> Llama2:
-    return Llama2.from_pretrained(shared_path("stories260K", "stories260K.bin"),
-                                  tokenizer_path=shared_path("stories260K", "tok512.model"))
-
-
 def naive_greedy(model: Llama2, prompt: list[int], n: int) -> list[int]:
     """Greedy decoding by recomputing the whole sequence each step: no KV cache."""
     ids = list(prompt)
