@@ -163,7 +163,7 @@ def test_max_seq_len_within_training_does_not_warn():
         assert Llama2.from_pretrained(DEMO, max_seq_len=256).args.max_seq_len == 256
 
 
-# --- a config that leaves tensors unused (item 1): every layout ---------------------------------------------
+# --- a config that leaves tensors unused: every layout ----------------------------------------------------
 
 STATE = {n: np.full(s, 0.1, np.float32) for n, s in expected_shapes(ARGS).items()}
 
@@ -194,7 +194,7 @@ def test_config_with_fewer_layers_than_the_checkpoint(layout, tmp_path):
 
 
 def test_demo_with_params_json_saying_2_of_its_4_layers(tmp_path):
-    """The issue's case: it loaded and ran, giving wrong text."""
+    """Once loaded and ran, giving wrong text."""
     shutil.copy(DEMO / "consolidated.00.pth", tmp_path)
     shutil.copy(DEMO / "params.json", tmp_path)
     edit_config(tmp_path / "params.json", {"n_layers": 2})
@@ -266,7 +266,7 @@ def test_tensors_a_format_carries_unused_are_allowed(layout, tmp_path):
     assert Llama2.from_pretrained(tmp_path).logits([1, 2]).shape == (2, ARGS.vocab_size)
 
 
-# --- malformed safetensors header entries (item 3) ----------------------------------------------------------
+# --- malformed safetensors header entries -----------------------------------------------------------------
 
 # tensor entry change -> phrase
 BAD_ENTRIES = {

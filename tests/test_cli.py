@@ -18,7 +18,7 @@ from tiny_model import tiny_args, tiny_state, train_tokenizer, write_llama2c
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory) -> tuple[Path, Path]:
-    """A random llama2.c checkpoint and a matching tokenizer, no ../shared needed."""
+    """A random llama2.c checkpoint and a matching tokenizer, no real-weight test data needed."""
     d = tmp_path_factory.mktemp("tiny")
     tok = train_tokenizer(d)
     import sentencepiece

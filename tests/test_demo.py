@@ -1,6 +1,6 @@
 """The embedded demo model in weights/demo: ships with the repository, tells a story, repeatably.
 
-Needs nothing outside the repository (no ../shared, no network).
+Needs nothing outside the repository (no real-weight test data, no network).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def test_bf16_model_decodes_like_its_float32_copy():
 @pytest.mark.parametrize("storage", ["bf16", "fp16"])
 @pytest.mark.parametrize("compute", ["float64", "float32"])
 def test_model_from_16_bit_weights_widens_tiles_and_matches_a_float_copy(storage, compute):
-    """Issue 15 item 4: float64 (and float32) logits of a bf16/fp16 checkpoint without a float copy of any matrix."""
+    """float64 (and float32) logits of a bf16/fp16 checkpoint without a float copy of any matrix."""
     from tiny_model import tiny_args, tiny_state
 
     args = tiny_args()

@@ -1,4 +1,4 @@
-"""A tiny random Llama 2 and a tiny tokenizer, made on the spot, for tests that need no ../shared."""
+"""A tiny random Llama 2 and a tiny tokenizer, made on the spot, for tests that need no real-weight data."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ memory and speed measurements and for loader tests that dequantize
 independently, not a quantization of any model.
 
 Usage:
-    python scripts/checkpoints/gguf_export.py --synthetic 7b --type Q4_K_M --out /tmp/synth/7b-q4_k_m.gguf
+    python scripts/checkpoints/gguf_export.py --synthetic 7b --type Q4_K_M --out /tmp/synth-7b-q4_k_m.gguf
 """
 
 from __future__ import annotations

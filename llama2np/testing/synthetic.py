@@ -4,7 +4,7 @@
     python scripts/checkpoints/make_synthetic_checkpoint.py --shape 7b --layout hf --dtype bf16 --out /tmp/synth-7b-hf
     python scripts/checkpoints/make_synthetic_checkpoint.py --shape 13b --layout meta --out /tmp/synth-13b-meta  # 2 shards
     python scripts/checkpoints/make_synthetic_checkpoint.py --shape 70b --layers 2 --layout meta --shards 8 \
-        --out /tmp/synth/70b-2layer-meta  # 70B's layer shapes, 2 of its 80 layers (tensor-parallel benchmark)
+        --out /tmp/synth-70b-2layer-meta  # 70B's layer shapes, 2 of its 80 layers (tensor-parallel benchmark)
 
 Layouts: ``meta`` (params.json + consolidated.NN.pth, split across model-parallel
 shards as fairscale does; default shard count as Meta ships: 7b 1, 13b 2, 70b 8),
