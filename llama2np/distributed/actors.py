@@ -42,7 +42,8 @@ DEFAULT_TIMEOUT = 120.0
 LOAD_TIMEOUT = 3600.0
 #: seconds placing the actors and starting their processes may take (a loaded machine starts Python slowly)
 START_TIMEOUT = 60.0
-#: inputs up to this size go inside each actor call; bigger ones through the object store, once
+#: inputs up to this size go inside each actor call (a decode step's: faster than an object-store
+#: reference every actor must fetch, see docs/performance.md); bigger ones through the object store, once
 INLINE_BYTES = 64 * 1024
 
 
@@ -213,8 +214,7 @@ class ActorGroup:
         """Sum over actors of ``method(layer, x, *more)``'s partial outputs (args = layer, *more).
 
         A large x (prefill) is put in Ray's object store once, where every actor reads it; a small one
-        (decode) travels inside each call, which measured twice as fast (8 actors: 5.7 against 12 ms
-        for 32 KiB), as an object-store reference costs every actor an extra fetch from the driver.
+        (decode) travels inside each call (``INLINE_BYTES``).
         """
         t0 = time.perf_counter()
         arg = x if x.nbytes <= INLINE_BYTES else self.ray.put(x)

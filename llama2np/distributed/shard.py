@@ -10,7 +10,7 @@ heads those use, and a 1/N slice of the SwiGLU hidden units:
   the full layer's output.
 
 When N exceeds n_kv_heads, each key/value head is replicated on the N / n_kv_heads
-processes whose query heads use it. Nothing here needs Ray: ``distributed``
+processes whose query heads use it. Nothing here needs Ray: ``actors.py``
 places the slices on actors.
 """
 

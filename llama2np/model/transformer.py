@@ -277,7 +277,7 @@ class Transformer:
         rotation = self.rope(start_pos, end)  # (seq, head_dim // 2)
         mask = causal_mask(seqlen, start_pos, self.dtype)
         # Our threads split the weight multiplies (widening bf16/int8 tiles), one BLAS thread each
-        # (see linear.py and parallel.py).
+        # (see linear.py and threads.py).
         with blas_threads(1):
             for i, layer in enumerate(self.layers):
                 ck = cache.k[i] if cache is not None else None
