@@ -8,6 +8,7 @@ import numpy as np
 
 from llama2np import Llama2, ModelArgs, Tokenizer, Transformer
 from llama2np.loaders.common import expected_shapes
+from llama2np.testing import synthetic
 
 WORDS = ("once upon a time there was a little llama who liked to run and jump in the big green park "
          "with her friends the dog and the cat ; every day they sang songs , ate apples and played ball .").split()
@@ -41,23 +42,8 @@ def tiny_model(args: ModelArgs | None = None, tokenizer: Tokenizer | None = None
 
 
 def write_llama2c(path: Path, args: ModelArgs, state: dict[str, np.ndarray]) -> Path:
-    """llama2.c's .bin: 7 int32 header values, then float32 arrays; vocab_size < 0 = own classifier."""
-    L = args.n_layers
-
-    def stack(name):
-        return np.stack([state[f"layers.{i}.{name}.weight"] for i in range(L)])
-
-    header = np.array([args.dim, args.ffn_hidden_dim, L, args.n_heads, args.n_kv_heads, -args.vocab_size,
-                       args.max_seq_len], dtype="<i4")
-    half = args.head_dim // 2
-    arrays = [state["tok_embeddings.weight"], stack("attention_norm"), stack("attention.wq"), stack("attention.wk"),
-              stack("attention.wv"), stack("attention.wo"), stack("ffn_norm"), stack("feed_forward.w1"),
-              stack("feed_forward.w2"), stack("feed_forward.w3"), state["norm.weight"],
-              np.zeros((args.max_seq_len, half)), np.zeros((args.max_seq_len, half)), state["output.weight"]]
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        for a in arrays:
-            f.write(np.ascontiguousarray(a, dtype="<f4").tobytes())
+    """``state`` as llama2.c's .bin (its own classifier: negative vocab_size in the header)."""
+    synthetic.write_llama2c(path, args, lambda name, shape: state[name])
     return path
 
 
