@@ -19,6 +19,24 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+DEMO = REPO / "weights" / "demo"  # the small model trained by scripts/demo/, committed with the repository
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo model, loaded once per test module."""
+    from llama2np import Llama2
+
+    return Llama2.from_pretrained(DEMO)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    """stories260K (llama2.c's smallest model) with its tokenizer, loaded once per test module."""
+    from llama2np import Llama2
+
+    return Llama2.from_pretrained(shared_path("stories260K", "stories260K.bin"),
+                                  tokenizer_path=shared_path("stories260K", "tok512.model"))
 def _register_hypothesis_profiles() -> None:
     """CI runs a small, derandomized profile; HYPOTHESIS_PROFILE=long explores more locally."""
     try:

@@ -14,18 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import DEMO, REPO
 from llama2np import InputError, Llama2
 from llama2np.generation.chat import dialog_tokens, fit_dialog
 from llama2np.cli.commands import main
 from tiny_model import tiny_args, tiny_state, write_llama2c
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "weights" / "demo"
-
-
-@pytest.fixture(scope="module")
-def demo() -> Llama2:
-    return Llama2.from_pretrained(DEMO)
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,19 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import REPO
-from llama2np import CheckpointError, ConfigError, InputError, Llama2, ModelArgs, Transformer
+from conftest import DEMO, REPO
+from llama2np import CheckpointError, ConfigError, InputError, Llama2, ModelArgs
 from llama2np.errors import ContextLengthWarning
 from llama2np.loaders import load_checkpoint
 from llama2np.loaders.common import expected_shapes
 from llama2np.loaders.safetensors_file import open_safetensors
 from llama2np.loaders.torch_pickle import load_pth
 from llama2np.model.kv_cache import KVCache
-from llama2np.model.transformer import rope_tables
-from tiny_model import tiny_state
 
 from llama2np.testing.writers import write_pth, write_safetensors  # noqa: E402
 from llama2np.testing.synthetic import write_hf, write_llama2c, write_meta  # noqa: E402
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=16)
-DEMO = REPO / "weights" / "demo"
 
 
 def filled(name, shape):  # every weight 0.1: a valid model; these tests need no numerics
@@ -160,43 +157,13 @@ def test_huge_max_seq_len_costs_nothing_until_used():
     assert kept.max_seq_len == 10**7 and kept.cache.k.shape[3] <= KVCache.INITIAL and len(kept._logits) <= 256
 
 
-def test_kv_cache_grows_keeping_what_it_holds(monkeypatch):
-    monkeypatch.setattr(KVCache, "INITIAL", 8)
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=40)
-    model = Transformer(args, tiny_state(args), "float64")
-    ids = (np.arange(40) * 7 % 64).reshape(1, -1)
-    cache = model.new_cache(1)
-    assert cache.k.shape[3] == 8 and cache.max_seq_len == 40
-    steps = [model.forward(ids[:, a:b], a, cache)[0] for a, b in [(0, 5), (5, 6), (6, 13), (13, 30), (30, 40)]]
-    assert cache.k.shape[3] == 40  # 8 -> 16 -> 32 -> 40 (capped at max_seq_len)
-    np.testing.assert_allclose(np.concatenate(steps), model.forward(ids)[0], rtol=0, atol=1e-12)
-    assert cache.keep_rows(np.array([True]), 40).max_seq_len == 40
-    with pytest.raises(InputError, match="exceed the context length 40"):
-        model.forward(ids[:, :1], 40, cache)
-
-
 def test_max_seq_len_within_training_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Llama2.from_pretrained(DEMO, max_seq_len=256).args.max_seq_len == 256
 
 
-def test_rope_table_grows_to_what_calls_reach():
-    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, hidden_dim=64, max_seq_len=1000)
-    model = Transformer(args, tiny_state(args), "float64")
-    cache = model.new_cache(1, 700)
-    ids = np.arange(700).reshape(1, -1) % 64
-    model.forward(ids[:, :300], 0, cache)
-    assert len(model.rope.table) == 300
-    step = model.forward(ids[:, 300:700], 300, cache)
-    assert 700 <= len(model.rope.table) <= 1000
-    np.testing.assert_allclose(model.rope.table[:700], rope_tables(args, np.float64, 700), rtol=0, atol=1e-15)
-    whole = model.forward(ids)  # no cache: the table as it is now
-    np.testing.assert_allclose(step[0], whole[0, 300:], rtol=0, atol=1e-9)
-
-
-
-# --- a config that leaves tensors unused (item 1): every layout ---------------------------------------------
+# --- a config that leaves tensors unused: every layout ----------------------------------------------------
 
 STATE = {n: np.full(s, 0.1, np.float32) for n, s in expected_shapes(ARGS).items()}
 
@@ -227,7 +194,7 @@ def test_config_with_fewer_layers_than_the_checkpoint(layout, tmp_path):
 
 
 def test_demo_with_params_json_saying_2_of_its_4_layers(tmp_path):
-    """The issue's case: it loaded and ran, giving wrong text."""
+    """Once loaded and ran, giving wrong text."""
     shutil.copy(DEMO / "consolidated.00.pth", tmp_path)
     shutil.copy(DEMO / "params.json", tmp_path)
     edit_config(tmp_path / "params.json", {"n_layers": 2})
@@ -299,7 +266,7 @@ def test_tensors_a_format_carries_unused_are_allowed(layout, tmp_path):
     assert Llama2.from_pretrained(tmp_path).logits([1, 2]).shape == (2, ARGS.vocab_size)
 
 
-# --- malformed safetensors header entries (item 3) ----------------------------------------------------------
+# --- malformed safetensors header entries -----------------------------------------------------------------
 
 # tensor entry change -> phrase
 BAD_ENTRIES = {

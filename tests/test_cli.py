@@ -12,12 +12,13 @@ import pytest
 from conftest import shared_path
 from llama2np import InputError, Llama2
 from llama2np.cli.commands import find_default_model, main
+from test_drafting import REPEAT
 from tiny_model import tiny_args, tiny_state, train_tokenizer, write_llama2c
 
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory) -> tuple[Path, Path]:
-    """A random llama2.c checkpoint and a matching tokenizer, no ../shared needed."""
+    """A random llama2.c checkpoint and a matching tokenizer, no real-weight test data needed."""
     d = tmp_path_factory.mktemp("tiny")
     tok = train_tokenizer(d)
     import sentencepiece
@@ -178,3 +179,31 @@ def test_perplexity_command(tiny_files, tmp_path, capsys):
     expected = Llama2.from_pretrained(model, tokenizer_path=tok).perplexity(text.read_text(), window=32)
     assert f"perplexity {expected:.4f}" in out and "tokens/s" in err
     assert main(["perplexity", "--model", model, "--file", str(tmp_path / "missing.txt")]) == 2
+
+
+def test_cli_prompt_lookup_and_draft_model_print_the_same_text_and_their_counts(capsys):
+    from llama2np.cli.commands import main
+    bin_, tok = shared_path("stories260K", "stories260K.bin"), shared_path("stories260K", "tok512.model")
+    base = ["generate", "--model", str(bin_), "--tokenizer", str(tok), "--prompt", REPEAT, "--temperature", "0",
+            "--max-new-tokens", "40"]
+    assert main(base) == 0
+    plain_out = capsys.readouterr().out
+    for extra in (["--prompt-lookup", "2", "--num-draft", "3"], ["--draft-model", str(bin_)]):
+        assert main(base + extra) == 0
+        out, err = capsys.readouterr()
+        assert out == plain_out and "forward passes" in err and "tokens/pass" in err and "accepted" in err
+    assert main(base + ["--num-draft", "2"]) == 2
+    assert "num_draft needs a drafter" in capsys.readouterr().err
+
+
+def test_cli_flags_reach_the_sampler(tmp_path, capsys):
+    from tiny_model import tiny_args, tiny_state, write_llama2c
+    path = write_llama2c(tmp_path / "m.bin", tiny_args(), tiny_state(tiny_args()))
+    assert main(["generate", "--model", str(path), "--min-p", "2"]) == 2
+    assert "error: min_p must be in [0, 1]" in capsys.readouterr().err
+    assert main(["generate", "--model", str(path), "--repetition-penalty", "-1"]) == 2
+    assert "error: repetition_penalty" in capsys.readouterr().err
+    assert main(["generate", "--model", str(path), "--logit-bias", "x=1"]) == 2
+    assert "--logit-bias takes TOKEN_ID=BIAS" in capsys.readouterr().err
+
+

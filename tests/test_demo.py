@@ -1,6 +1,6 @@
 """The embedded demo model in weights/demo: ships with the repository, tells a story, repeatably.
 
-Needs nothing outside the repository (no ../shared, no network).
+Needs nothing outside the repository (no real-weight test data, no network).
 """
 
 from __future__ import annotations
@@ -9,21 +9,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from llama2np import Llama2
+from conftest import DEMO, REPO
 from llama2np.cli.commands import find_default_model
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "weights" / "demo"
 PROMPT = "Once upon a time"
-
-
-@pytest.fixture(scope="module")
-def demo() -> Llama2:
-    return Llama2.from_pretrained(DEMO)
 
 
 def test_demo_is_a_small_meta_layout_checkpoint_with_grouped_query_attention():

@@ -1,4 +1,4 @@
-"""Speculative decoding (prompt lookup, draft models) and KV reuse: same tokens, same distribution, less work."""
+"""Speculative decoding (prompt lookup, draft models): same tokens, same distribution, less work."""
 
 from __future__ import annotations
 
@@ -8,30 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, shared_path
+from conftest import DEMO, shared_path
 from llama2np import InputError, Llama2, Transformer
 from llama2np.generation import decode as generation, drafting
-from llama2np.generation.chat import dialog_tokens
 from llama2np.loaders import load_checkpoint
-from llama2np.generation.prefix_cache import PrefixCache
-from llama2np.generation.sampling import log_softmax
 from tiny_model import tiny_args, tiny_model, tiny_state
 
-DEMO = REPO / "weights" / "demo"
 STORY = "Once upon a time, there was a little girl named Lily."
 REPEAT = ("Tom had a red ball. He liked to play with the ball in the park. Tom had a red ball. He liked to play "
           "with the ball in the park. Tom had a red ball.")
-
-
-@pytest.fixture(scope="module")
-def stories() -> Llama2:
-    return Llama2.from_pretrained(shared_path("stories260K", "stories260K.bin"),
-                                  tokenizer_path=shared_path("stories260K", "tok512.model"))
-
-
-@pytest.fixture(scope="module")
-def demo() -> Llama2:
-    return Llama2.from_pretrained(DEMO)
 
 
 def fewer_layers(path: Path, n_layers: int) -> Llama2:
@@ -201,66 +186,7 @@ def test_prompt_lookup_sampling_keeps_the_models_distribution(small_vocab, monke
     assert max(chi2_excess(c, p) for c, p in zip(wrong, exact)) > 1
 
 
-# --- the KV cache: rollback and reuse --------------------------------------------------------
-
-
-def test_rollback_after_rejected_drafts_gives_fresh_logits():
-    model = tiny_model()
-    cache = PrefixCache(model.model)
-    seq = [1, 17, 40, 8, 99, 3]
-    cache.forward(seq + [5, 6, 7, 8])  # a draft of 4, all to be rejected
-    start, logits = cache.forward(seq + [250, 11])  # the correction and one more
-    assert start == len(seq)
-    fresh = model.logits(seq + [250, 11], reuse_cache=False)
-    np.testing.assert_allclose(logits, fresh[start:], rtol=1e-5, atol=1e-5)
-
-
-def test_kept_cache_after_speculative_generation_matches_a_fresh_forward(stories):
-    out = stories.generate(REPEAT, max_new_tokens=40, temperature=0, prompt_lookup=1)
-    assert stories.last_stats.accepted < stories.last_stats.drafted  # some drafts were rolled back
-    ids = stories.tokenizer.encode(REPEAT + out, bos=True)[:-2] + [42, 7]
-    start, logits = stories._prefix.forward(ids)
-    assert start > len(stories.tokenizer.encode(REPEAT, bos=True))
-    np.testing.assert_allclose(logits, stories.logits(ids, reuse_cache=False)[start:], rtol=1e-4, atol=1e-4)
-
-
-def test_logits_reuse_the_shared_prefix_and_equal_a_fresh_computation():
-    model = tiny_model()
-    a, b = [1, 17, 40, 8, 99, 3, 5], [1, 17, 40, 8, 77, 6]
-    model.logits(a)
-    for ids in (b, a[:4], a + [9, 9]):
-        np.testing.assert_allclose(model.logits(ids), model.logits(ids, reuse_cache=False), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(model.logits(np.array([a, a]))[1], model.logits(a), rtol=1e-5, atol=1e-5)
-
-
-def test_generate_reuses_the_previous_prompt(stories):
-    stories.generate(STORY, max_new_tokens=5, temperature=0)
-    stories.generate(STORY + " She", max_new_tokens=5, temperature=0)
-    n = len(stories.tokenizer.encode(STORY, bos=True))
-    assert stories.last_stats.cached_tokens >= n - 1
-    stories.generate(STORY, max_new_tokens=5, temperature=0, reuse_cache=False)
-    assert stories.last_stats.cached_tokens == 0
-
-
-def test_chat_second_turn_prefills_only_the_new_turn(demo):
-    demo.clear_cache()
-    turn1 = [{"role": "user", "content": "Tell me about a cat."}]
-    answer = demo.chat(turn1, max_new_tokens=12, temperature=0)
-    first = demo.last_stats
-    assert first.cached_tokens == 0 and first.prompt_tokens == len(dialog_tokens(demo.tokenizer, turn1))
-    turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And a dog?"}]
-    assert demo.chat(turn2, max_new_tokens=12, temperature=0) == \
-        demo.chat(turn2, max_new_tokens=12, temperature=0, reuse_cache=False)
-    again = demo.chat(turn2, max_new_tokens=12, temperature=0, reuse_cache=True)
-    demo.clear_cache()
-    demo.chat(turn1, max_new_tokens=12, temperature=0)
-    demo.chat(turn2, max_new_tokens=12, temperature=0)
-    second = demo.last_stats
-    total = len(dialog_tokens(demo.tokenizer, turn2))
-    new_turn = len(demo.tokenizer.encode("[INST] And a dog? [/INST]", bos=True)) + 1  # + the first turn's EOS
-    assert second.cached_tokens + second.prompt_tokens == total
-    assert second.prompt_tokens <= new_turn + 3  # at most a few re-tokenised pieces of the answer's end
-    assert again == answer or isinstance(again, str)
+# --- arguments, and the lookup itself ---------------------------------------------------------
 
 
 def test_bad_speculative_arguments_are_input_errors(stories):
@@ -271,55 +197,6 @@ def test_bad_speculative_arguments_are_input_errors(stories):
                      (dict(reuse_cache="yes"), "reuse_cache")):
         with pytest.raises(InputError, match=word):
             stories.generate("Once", max_new_tokens=3, **kw)
-
-
-def test_speculative_bench_runs(tmp_path):
-    """scripts/bench/bench.py --speculative runs end to end on small models (its figures are printed, never asserted)."""
-    import subprocess
-    import sys
-    bench = [sys.executable, str(REPO / "scripts" / "bench" / "bench.py"), "--speculative"]
-    costs = tmp_path / "costs.json"
-    proc = subprocess.run(bench + ["positions", str(DEMO), "--sizes", "1,2", "--runs", "1", "--save", str(costs)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "forward over  2 positions" in proc.stdout, proc.stderr
-    proc = subprocess.run(bench + ["lookup", str(DEMO), "--new-tokens", "6", "--runs", "1", "--num-draft", "2",
-                                   "--costs", str(costs)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("identical") == 3 and "DIFFERENT" not in proc.stdout, proc.stdout
-
-
-def test_cli_prompt_lookup_and_draft_model_print_the_same_text_and_their_counts(capsys):
-    from llama2np.cli.commands import main
-    bin_, tok = shared_path("stories260K", "stories260K.bin"), shared_path("stories260K", "tok512.model")
-    base = ["generate", "--model", str(bin_), "--tokenizer", str(tok), "--prompt", REPEAT, "--temperature", "0",
-            "--max-new-tokens", "40"]
-    assert main(base) == 0
-    plain_out = capsys.readouterr().out
-    for extra in (["--prompt-lookup", "2", "--num-draft", "3"], ["--draft-model", str(bin_)]):
-        assert main(base + extra) == 0
-        out, err = capsys.readouterr()
-        assert out == plain_out and "forward passes" in err and "tokens/pass" in err and "accepted" in err
-    assert main(base + ["--num-draft", "2"]) == 2
-    assert "num_draft needs a drafter" in capsys.readouterr().err
-
-
-def test_an_interrupted_forward_leaves_no_stale_prefix(monkeypatch):
-    monkeypatch.setattr(generation, "LLAMA_EOS", -1)
-    model = tiny_model()
-    ids = [1, 17, 40, 8, 99, 5, 6, 12]
-    model.generate(ids, max_new_tokens=2, temperature=0)  # keeps ids[:8] and one new token
-    real = model.model.forward
-
-    def interrupted(tokens, start_pos=0, cache=None, *args, **kw):
-        cache.k[:, :, :, start_pos:] = 7.0  # half-written, then Ctrl-C
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(model.model, "forward", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        model.generate(ids[:3] + [250], max_new_tokens=3, temperature=0)  # overwrites positions >= 3
-    monkeypatch.setattr(model.model, "forward", real)
-    assert model.generate(ids, max_new_tokens=6, temperature=0) == \
-        model.generate(ids, max_new_tokens=6, temperature=0, reuse_cache=False)
 
 
 def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():

@@ -2,7 +2,7 @@
 
 Every checkpoint under tests/golden/ (Meta single-file and 2-shard, HF
 safetensors single and sharded, fp32 and bf16) and the llama2.c stories260K
-model from ../shared must give the reference logits, on the whole sequence
+model (real-weight test data, when present) must give the reference logits, on the whole sequence
 and when decoded incrementally through the KV cache. Run with ``-s`` to see
 the measured errors.
 """

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -18,10 +17,9 @@ nbformat = pytest.importorskip("nbformat", reason="the notebook test needs the t
 nbclient = pytest.importorskip("nbclient", reason="the notebook test needs the test extra: pip install -e '.[test]'")
 pytest.importorskip("ipykernel", reason="the notebook test needs the test extra: pip install -e '.[test]'")
 
+from conftest import DEMO, REPO  # noqa: E402
 from llama2np import Llama2  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "weights" / "demo"
 KERNEL = "llama2np-test-python"
 PROMPT = "Once upon a time"
 

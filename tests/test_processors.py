@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from llama2np import InputError
-from llama2np.cli.commands import main
 from llama2np.generation.sampling import SamplingParams, filtered_probs, process_logits
 from tiny_model import tiny_model
 
@@ -80,14 +79,3 @@ def test_repetition_penalty_avoids_prompt_tokens():
     prompt = list(range(1, 40))
     out = model.generate(prompt, max_new_tokens=5, temperature=0, repetition_penalty=1e6)
     assert not set(out) & set(prompt)
-
-
-def test_cli_flags_reach_the_sampler(tmp_path, capsys):
-    from tiny_model import tiny_args, tiny_state, write_llama2c
-    path = write_llama2c(tmp_path / "m.bin", tiny_args(), tiny_state(tiny_args()))
-    assert main(["generate", "--model", str(path), "--min-p", "2"]) == 2
-    assert "error: min_p must be in [0, 1]" in capsys.readouterr().err
-    assert main(["generate", "--model", str(path), "--repetition-penalty", "-1"]) == 2
-    assert "error: repetition_penalty" in capsys.readouterr().err
-    assert main(["generate", "--model", str(path), "--logit-bias", "x=1"]) == 2
-    assert "--logit-bias takes TOKEN_ID=BIAS" in capsys.readouterr().err

@@ -1,4 +1,9 @@
-"""The README says what is true: its Python examples run as written, its flag table is complete."""
+"""The README and docs/ say what is true: their Python examples run as written, the flag table is complete.
+
+Every ```python block of README.md and of each docs/*.md file runs, one session per file, from the
+repository's directory (so on the demo model); an example that cannot run here (a 70B, a cluster)
+is written as a shell block or in the text.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +17,42 @@ from llama2np.cli.commands import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
+DOCS = sorted((REPO / "docs").glob("*.md"))
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def run_blocks(blocks: list[str], filename: str) -> dict:
+    namespace: dict = {}
+    for block in blocks:  # one session, as a reader would type them
+        exec(compile(block, filename, "exec"), namespace)
+    return namespace
 
 
 def test_python_examples_run_as_written_on_the_demo_model(monkeypatch, capsys):
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    blocks = python_blocks(README)
     assert blocks and "weights/demo" in blocks[0]
     monkeypatch.chdir(REPO)
-    namespace: dict = {}
-    for block in blocks:  # one session, as a reader would type them
-        exec(compile(block, "README.md", "exec"), namespace)
+    namespace = run_blocks(blocks, "README.md")
     assert namespace["logits"].shape == (len(namespace["ids"]), namespace["model"].args.vocab_size)
     assert namespace["c"].prompt_ids[0] == 1 and namespace["c"].finish_reason in ("eos", "length", "stop")
     assert capsys.readouterr().out  # the streaming loop printed
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_python_examples_of_the_docs_run_as_written(doc, monkeypatch, capsys):
+    blocks = python_blocks(doc.read_text(encoding="utf-8"))
+    if not blocks:
+        pytest.skip(f"docs/{doc.name} has no Python example")
+    monkeypatch.chdir(REPO)
+    run_blocks(blocks, f"docs/{doc.name}")
+
+
+def test_the_readme_links_only_to_files_that_exist():
+    links = re.findall(r"\]\(((?:docs|tests|weights)/[^)#]+|[A-Z-]+\.md)", README)
+    assert links and all((REPO / link).exists() for link in links), [l for l in links if not (REPO / l).exists()]
 
 
 def _flags() -> dict[str, set[str]]:

@@ -1,4 +1,4 @@
-"""A tiny random Llama 2 and a tiny tokenizer, made on the spot, for tests that need no ../shared."""
+"""A tiny random Llama 2 and a tiny tokenizer, made on the spot, for tests that need no real-weight data."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from llama2np import Llama2, ModelArgs, Tokenizer, Transformer
+from llama2np.loaders.common import expected_shapes
+from llama2np.testing import synthetic
 
 WORDS = ("once upon a time there was a little llama who liked to run and jump in the big green park "
          "with her friends the dog and the cat ; every day they sang songs , ate apples and played ball .").split()
@@ -19,23 +21,19 @@ def tiny_args(vocab_size: int = 320, max_seq_len: int = 48) -> ModelArgs:
 
 
 def tiny_state(args: ModelArgs, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights in Meta's naming; scaled so the logits are far from uniform."""
+    """Random float32 weights for every tensor the loaders expect (Meta's naming); norms are ones.
+
+    Scaled so the logits are far from uniform: the embedding by sqrt(dim), the output by 4.
+    """
     rng = np.random.default_rng(seed)
-    d, kv, h = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    scale = {"tok_embeddings.weight": np.sqrt(args.dim), "output.weight": 4.0}
 
-    def w(*shape, scale=1.0):
-        return (rng.normal(size=shape) * scale / np.sqrt(shape[-1])).astype(np.float32)
+    def w(name, shape):
+        if len(shape) == 1:
+            return np.ones(shape, np.float32)
+        return (rng.normal(size=shape) * scale.get(name, 1.0) / np.sqrt(shape[-1])).astype(np.float32)
 
-    state = {"tok_embeddings.weight": w(args.vocab_size, d, scale=np.sqrt(d)), "norm.weight": np.ones(d, np.float32),
-             "output.weight": w(args.vocab_size, d, scale=4.0)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        state.update({p + "attention.wq.weight": w(d, d), p + "attention.wk.weight": w(kv, d),
-                      p + "attention.wv.weight": w(kv, d), p + "attention.wo.weight": w(d, d),
-                      p + "feed_forward.w1.weight": w(h, d), p + "feed_forward.w2.weight": w(d, h),
-                      p + "feed_forward.w3.weight": w(h, d),
-                      p + "attention_norm.weight": np.ones(d, np.float32), p + "ffn_norm.weight": np.ones(d, np.float32)})
-    return state
+    return {name: w(name, shape) for name, shape in expected_shapes(args).items()}
 
 
 def tiny_model(args: ModelArgs | None = None, tokenizer: Tokenizer | None = None, seed: int = 0) -> Llama2:
@@ -44,23 +42,8 @@ def tiny_model(args: ModelArgs | None = None, tokenizer: Tokenizer | None = None
 
 
 def write_llama2c(path: Path, args: ModelArgs, state: dict[str, np.ndarray]) -> Path:
-    """llama2.c's .bin: 7 int32 header values, then float32 arrays; vocab_size < 0 = own classifier."""
-    L = args.n_layers
-
-    def stack(name):
-        return np.stack([state[f"layers.{i}.{name}.weight"] for i in range(L)])
-
-    header = np.array([args.dim, args.ffn_hidden_dim, L, args.n_heads, args.n_kv_heads, -args.vocab_size,
-                       args.max_seq_len], dtype="<i4")
-    half = args.head_dim // 2
-    arrays = [state["tok_embeddings.weight"], stack("attention_norm"), stack("attention.wq"), stack("attention.wk"),
-              stack("attention.wv"), stack("attention.wo"), stack("ffn_norm"), stack("feed_forward.w1"),
-              stack("feed_forward.w2"), stack("feed_forward.w3"), state["norm.weight"],
-              np.zeros((args.max_seq_len, half)), np.zeros((args.max_seq_len, half)), state["output.weight"]]
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        for a in arrays:
-            f.write(np.ascontiguousarray(a, dtype="<f4").tobytes())
+    """``state`` as llama2.c's .bin (its own classifier: negative vocab_size in the header)."""
+    synthetic.write_llama2c(path, args, lambda name, shape: state[name])
     return path
 
 

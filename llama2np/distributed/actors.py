@@ -31,9 +31,8 @@ from ..loaders import Checkpoint, load_checkpoint
 from ..loaders.meta import shard_paths
 from ..model.args import ModelArgs
 from ..model.kv_cache import KVCache
-from ..model.storage import to_float
 from ..model.threads import blas_threads, set_num_threads
-from ..model.transformer import RopeTable, Transformer, TransformerBlock, build_layer, causal_mask, linear_maker
+from ..model.transformer import RopeTable, Transformer, build_layer, causal_mask, check_quantize, linear_maker
 from .memory_plan import check_node_memory, memory_plan
 from .shard import Shard, read_slice, storage_name
 
@@ -43,7 +42,8 @@ DEFAULT_TIMEOUT = 120.0
 LOAD_TIMEOUT = 3600.0
 #: seconds placing the actors and starting their processes may take (a loaded machine starts Python slowly)
 START_TIMEOUT = 60.0
-#: inputs up to this size go inside each actor call; bigger ones through the object store, once
+#: inputs up to this size go inside each actor call (a decode step's: faster than an object-store
+#: reference every actor must fetch, see docs/performance.md); bigger ones through the object store, once
 INLINE_BYTES = 64 * 1024
 
 
@@ -214,8 +214,7 @@ class ActorGroup:
         """Sum over actors of ``method(layer, x, *more)``'s partial outputs (args = layer, *more).
 
         A large x (prefill) is put in Ray's object store once, where every actor reads it; a small one
-        (decode) travels inside each call, which measured twice as fast (8 actors: 5.7 against 12 ms
-        for 32 KiB), as an object-store reference costs every actor an extra fetch from the driver.
+        (decode) travels inside each call (``INLINE_BYTES``).
         """
         t0 = time.perf_counter()
         arg = x if x.nbytes <= INLINE_BYTES else self.ray.put(x)
@@ -344,9 +343,9 @@ class DistributedTransformer(Transformer):
         ray = import_ray()
         if not isinstance(world, int) or isinstance(world, bool) or world < 1:
             raise DistributedError(f"tensor_parallel must be a positive integer, got {world!r}")
-        args, state = ckpt.args, ckpt.state
+        args, state, dtype = ckpt.args, ckpt.state, np.dtype(dtype)
         Shard(0, world).check(args)
-        self.args, self.dtype = args, np.dtype(dtype)
+        check_quantize(quantize)
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False} if ray_address is None else {}
             try:
@@ -354,31 +353,21 @@ class DistributedTransformer(Transformer):
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"the Ray cluster at {ray_address!r}" if ray_address else "a local Ray cluster"
                 raise DistributedError(f"cannot join {where}: {e}") from None
-        lin = linear_maker(state, self.dtype, quantize)
-        self.tok_embeddings = state["tok_embeddings.weight"]
-        self.norm = to_float(state["norm.weight"], self.dtype)
-        self.output = lin("output.weight")
-        self.tiled = self.output.tiled
-        self.rope = RopeTable(args, self.dtype)
-
-        self.group = ActorGroup.acquire(world, timeout)
-        on_node = Counter(w["node"] for w in self.group.where)  # actors per node
-        storage = storage_name(state)
+        self.group = group = ActorGroup.acquire(world, timeout)
+        on_node = Counter(w["node"] for w in group.where)  # actors per node
+        storage, actor_quantize = storage_name(state), quantize
         if storage == "int8":  # a llama2np int8 checkpoint: the actors keep its int8 slices as they are
-            storage, quantize = "float32", "int8"
+            storage, actor_quantize = "float32", "int8"
         own = ckpt.layout == "meta" and len(shard_paths(Path(ckpt.source))) == world
-        specs = [{"args": args.to_params(), "rank": k, "world": world, "dtype": self.dtype.name,
-                  "quantize": quantize, "storage": storage, "source": str(ckpt.source), "own_shard": own,
+        specs = [{"args": args.to_params(), "rank": k, "world": world, "dtype": dtype.name,
+                  "quantize": actor_quantize, "storage": storage, "source": str(ckpt.source), "own_shard": own,
                   "on_node": on_node[w["node"]], "threads": max(1, w["cpus"] // on_node[w["node"]])}
-                 for k, w in enumerate(self.group.where)]
-        self.group.gather([a.load.remote(s) for a, s in zip(self.group.actors, specs)], "load",
-                          timeout=max(timeout, LOAD_TIMEOUT))
-        self.layers = []
-        for i in range(args.n_layers):
-            p = f"layers.{i}."
-            norms = [to_float(state[p + n], self.dtype) for n in ("attention_norm.weight", "ffn_norm.weight")]
-            self.layers.append(TransformerBlock(args, _RemoteAttention(self.group, i),
-                                                _RemoteFeedForward(self.group, i), *norms))
+                 for k, w in enumerate(group.where)]
+        group.gather([a.load.remote(s) for a, s in zip(group.actors, specs)], "load",
+                     timeout=max(timeout, LOAD_TIMEOUT))
+        # the driver builds the embedding, norms and output itself; the layers' matrices stay on the actors
+        super().__init__(args, state, dtype, quantize,
+                         make_layer=lambda i: (_RemoteAttention(group, i), _RemoteFeedForward(group, i)))
 
     def linears(self):
         return [self.output]  # the layers' matrices are on the actors

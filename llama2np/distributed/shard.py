@@ -10,7 +10,7 @@ heads those use, and a 1/N slice of the SwiGLU hidden units:
   the full layer's output.
 
 When N exceeds n_kv_heads, each key/value head is replicated on the N / n_kv_heads
-processes whose query heads use it. Nothing here needs Ray: ``distributed``
+processes whose query heads use it. Nothing here needs Ray: ``actors.py``
 places the slices on actors.
 """
 
@@ -25,15 +25,16 @@ import numpy as np
 from ..errors import ConfigError
 from ..loaders import load_checkpoint
 from ..loaders.common import LazyStateDict
+from ..loaders.meta import SPLIT_AXIS
 from ..loaders.torch_pickle import load_pth
 from ..model.args import ModelArgs
 from ..model.linear import QuantizedTensor, release_pages
 from ..model.storage import BF16, is_bf16
 
-#: layer tensors split by output rows (dim 0) / by input columns (dim 1), and by which range
-_ROWS = {"attention.wq.weight": "heads", "attention.wk.weight": "kv_heads", "attention.wv.weight": "kv_heads",
-         "feed_forward.w1.weight": "hidden", "feed_forward.w3.weight": "hidden"}
-_COLUMNS = {"attention.wo.weight": "heads", "feed_forward.w2.weight": "hidden"}
+#: the range of each layer matrix a process takes, along the axis Meta's shards split it on (SPLIT_AXIS)
+_RANGE = {"attention.wq.weight": "heads", "attention.wk.weight": "kv_heads", "attention.wv.weight": "kv_heads",
+          "attention.wo.weight": "heads", "feed_forward.w1.weight": "hidden", "feed_forward.w3.weight": "hidden",
+          "feed_forward.w2.weight": "hidden"}
 
 
 @dataclass(frozen=True)
@@ -82,19 +83,16 @@ class Shard:
     def layer_shapes(self, args: ModelArgs) -> dict[str, tuple[int, int]]:
         """Shape of this process's slice of each layer matrix (name after "layers.N.")."""
         shapes = {}
-        for name, what in _ROWS.items():
+        for name, what in _RANGE.items():
             a, b = self.span(args, what)
-            shapes[name] = (b - a, args.dim)
-        for name, what in _COLUMNS.items():
-            a, b = self.span(args, what)
-            shapes[name] = (args.dim, b - a)
+            shapes[name] = (args.dim, b - a) if SPLIT_AXIS[name] else (b - a, args.dim)
         return shapes
 
 
 def _layer_key(name: str) -> str | None:
     """"attention.wq.weight" for "layers.3.attention.wq.weight"; None for non-layer or unsliced tensors."""
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "layers" and parts[2] in {**_ROWS, **_COLUMNS}:
+    if len(parts) == 3 and parts[0] == "layers" and parts[2] in _RANGE:
         return parts[2]
     return None
 
@@ -116,8 +114,8 @@ def shard_state(state: Mapping[str, np.ndarray], args: ModelArgs, shard: Shard) 
 
     def take(name: str, key: str) -> np.ndarray | QuantizedTensor:
         full = state[name]
-        columns = key in _COLUMNS
-        a, b = shard.span(args, _COLUMNS[key] if columns else _ROWS[key])
+        columns = SPLIT_AXIS[key] == 1
+        a, b = shard.span(args, _RANGE[key])
         if isinstance(full, QuantizedTensor):  # int8 rows keep their scales; a column slice keeps them all
             part = QuantizedTensor(cut(full.q, a, b, columns), full.scale if columns else full.scale[a:b].copy())
         else:

@@ -29,7 +29,7 @@ class Checkpoint:
     args: ModelArgs
     state: Mapping[str, np.ndarray]
     source: Path
-    layout: str  # "meta", "hf", "llama2c", "gguf" or "int8" (llama2np.quantize)
+    layout: str  # "meta", "hf", "llama2c", "gguf" or "int8" (written by quantize)
     tokenizer_candidates: list[Path] = field(default_factory=list)
     #: a sentencepiece model serialized from the checkpoint itself (GGUF's vocabulary), used when no
     #: tokenizer file is found

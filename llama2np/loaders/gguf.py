@@ -54,14 +54,14 @@ from ..model.threads import num_threads, run_parallel
 from .common import LazyStateDict, make_args
 
 # GGUF name (after "blk.N.") -> Meta name (after "layers.N.")
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_q.weight": "attention.wq.weight", "attn_k.weight": "attention.wk.weight",
     "attn_v.weight": "attention.wv.weight", "attn_output.weight": "attention.wo.weight",
     "ffn_gate.weight": "feed_forward.w1.weight", "ffn_down.weight": "feed_forward.w2.weight",
     "ffn_up.weight": "feed_forward.w3.weight",
     "attn_norm.weight": "attention_norm.weight", "ffn_norm.weight": "ffn_norm.weight",
 }
-_TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
               "output.weight": "output.weight"}
 
 #: ggml types mapped as they are (the others are quantized blocks)
@@ -81,11 +81,11 @@ def import_gguf():
 
 def meta_name(gguf_name: str) -> str | None:
     """Meta's name for a GGUF tensor name, or None for a tensor Llama 2 has no place for."""
-    if gguf_name in _TOP_NAMES:
-        return _TOP_NAMES[gguf_name]
+    if gguf_name in TOP_NAMES:
+        return TOP_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
+        return f"layers.{parts[1]}.{LAYER_NAMES[parts[2]]}"
     return None
 
 

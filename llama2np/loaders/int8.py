@@ -1,4 +1,4 @@
-"""llama2np's own int8 checkpoints, written by ``llama2np.quantize`` (see there for the layout).
+"""llama2np's own int8 checkpoints, written by ``int8_writer.py`` (see there for the layout).
 
 Every tensor is memory-mapped; each weight matrix comes back as a
 ``QuantizedTensor`` (int8 values + float32 row scales), which ``Int8Linear``

@@ -2,7 +2,8 @@
 
     python -m llama2np quantize --model weights/llama-2-7b --out weights/llama-2-7b-int8
 
-``--quantize int8`` quantizes every matrix at every load (7B: ~45 s). This
+``--quantize int8`` quantizes every matrix at every load (7B: most of a minute, see
+docs/performance.md). This
 writes the result instead: a directory with
 
 - ``model.int8.safetensors``: each weight matrix ``NAME`` (Meta naming) as

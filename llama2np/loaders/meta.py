@@ -20,9 +20,13 @@ from ..model.storage import is_bf16
 from .common import LazyStateDict, make_args, progress_bar
 from .torch_pickle import load_pth
 
-_CONCAT_DIM1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
-_CONCAT_DIM0 = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-                "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
+#: the axis fairscale split each weight on (name after "layers.N."): 0 = output rows (column-parallel),
+#: 1 = input columns (row-parallel); a weight not here (norms, rope.freqs) is whole in every shard.
+#: Tensor parallelism (distributed/shard.py) cuts the same way.
+SPLIT_AXIS = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
+              "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "output.weight": 0,
+              "attention.wo.weight": 1, "feed_forward.w2.weight": 1, "tok_embeddings.weight": 1}
+_LAYER_PREFIX = re.compile(r"layers\.\d+\.")
 _REQUIRED = ("dim", "n_layers", "n_heads")
 
 
@@ -46,12 +50,9 @@ def shard_paths(directory: Path) -> list[Path]:
     return [found[i] for i in range(len(found))]
 
 
-def _concat_axis(name: str) -> int | None:
-    if name.endswith(_CONCAT_DIM0):
-        return 0
-    if name.endswith(_CONCAT_DIM1):
-        return 1
-    return None  # replicated
+def split_axis(name: str) -> int | None:
+    """The axis fairscale split ``name`` on across shards (SPLIT_AXIS); None when every shard holds it whole."""
+    return SPLIT_AXIS.get(_LAYER_PREFIX.sub("", name, count=1))
 
 
 def read_params(directory: Path) -> dict:
@@ -88,7 +89,7 @@ def load_meta(directory: Path, max_seq_len: int | None = None, progress: bool | 
         return [s[name] if name in s else load_pth(p)[name] for s, p in zip(shards, paths)]
 
     def merged_spec(name: str) -> tuple[tuple[int, ...], np.dtype]:
-        parts, axis = shard_parts(name), _concat_axis(name)
+        parts, axis = shard_parts(name), split_axis(name)
         shape = list(parts[0].shape)
         if axis is not None and len(parts) > 1 and len(shape) > axis:
             shape[axis] = sum(p.shape[axis] for p in parts)
@@ -96,7 +97,7 @@ def load_meta(directory: Path, max_seq_len: int | None = None, progress: bool | 
 
     def merge(name: str) -> np.ndarray:
         parts = shard_parts(name)
-        axis = _concat_axis(name)
+        axis = split_axis(name)
         if len(parts) == 1 or axis is None:
             return parts[0]
         if len({p.dtype for p in parts}) > 1:

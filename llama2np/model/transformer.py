@@ -155,10 +155,15 @@ class FeedForward:
         return self.w2(h)
 
 
-def linear_maker(params: Mapping[str, np.ndarray], dtype: np.dtype, quantize: str | None = None):
-    """``lin(*names)``: one ``Linear`` (``Int8Linear`` when quantize="int8") over the named matrices, stacked."""
+def check_quantize(quantize: str | None) -> None:
     if quantize not in (None, "int8"):
         raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
+
+
+def linear_maker(params: Mapping[str, np.ndarray], dtype: np.dtype, quantize: str | None = None):
+    """``lin(*names)``: one ``Linear`` (``Int8Linear`` when quantize="int8") over the named matrices, stacked."""
+    check_quantize(quantize)
+
     def lin(*names: str) -> Linear:
         weights = [params[n] for n in names]
         # a quantized checkpoint's matrices are int8 already, whatever was asked for
@@ -211,10 +216,14 @@ class Transformer:
     progress: bool | None = None  # bars on long prefills and perplexity runs: None = on a terminal or in a notebook
 
     def __init__(self, args: ModelArgs, params: Mapping[str, np.ndarray], dtype: str | np.dtype = "float32",
-                 quantize: str | None = None):
-        """``quantize``: None (weights as stored) or "int8" (weight-only, per-row scales)."""
+                 quantize: str | None = None,
+                 make_layer: Callable[[int], tuple[Attention, FeedForward]] | None = None):
+        """``quantize``: None (weights as stored) or "int8" (weight-only, per-row scales).
+        ``make_layer(i)``: layer i's (attention, feed-forward); by default ``build_layer`` from
+        ``params`` (the tensor-parallel model passes ones whose work is done elsewhere)."""
         self.args, self.dtype = args, np.dtype(dtype)
         lin = linear_maker(params, self.dtype, quantize)
+        make_layer = make_layer or (lambda i: build_layer(args, params, i, lin))
 
         def vec(name):  # norms are tiny: keep them in the compute dtype
             return to_float(params[name], self.dtype)
@@ -223,7 +232,7 @@ class Transformer:
         self.layers = []
         for i in range(args.n_layers):
             p = f"layers.{i}."
-            attention, ffn = build_layer(args, params, i, lin)
+            attention, ffn = make_layer(i)
             self.layers.append(TransformerBlock(args, attention, ffn, vec(p + "attention_norm.weight"),
                                                 vec(p + "ffn_norm.weight")))
         self.norm = vec("norm.weight")
@@ -268,7 +277,7 @@ class Transformer:
         rotation = self.rope(start_pos, end)  # (seq, head_dim // 2)
         mask = causal_mask(seqlen, start_pos, self.dtype)
         # Our threads split the weight multiplies (widening bf16/int8 tiles), one BLAS thread each
-        # (see linear.py and parallel.py).
+        # (see linear.py and threads.py).
         with blas_threads(1):
             for i, layer in enumerate(self.layers):
                 ck = cache.k[i] if cache is not None else None

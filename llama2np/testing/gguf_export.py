@@ -17,7 +17,7 @@ memory and speed measurements and for loader tests that dequantize
 independently, not a quantization of any model.
 
 Usage:
-    python scripts/checkpoints/gguf_export.py --synthetic 7b --type Q4_K_M --out /tmp/synth/7b-q4_k_m.gguf
+    python scripts/checkpoints/gguf_export.py --synthetic 7b --type Q4_K_M --out /tmp/synth-7b-q4_k_m.gguf
 """
 
 from __future__ import annotations
@@ -33,16 +33,11 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-# Meta name (after "layers.N.") -> GGUF name (after "blk.N.")
-LAYER_NAMES = {
-    "attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight",
-    "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
-    "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w2.weight": "ffn_down.weight",
-    "feed_forward.w3.weight": "ffn_up.weight",
-    "attention_norm.weight": "attn_norm.weight", "ffn_norm.weight": "ffn_norm.weight",
-}
-TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "output.weight": "output.weight"}
+from ..loaders import gguf as gguf_reader
+
+# Meta name -> GGUF name: the reader's tables (loaders/gguf.py) inverted
+LAYER_NAMES = {meta: name for name, meta in gguf_reader.LAYER_NAMES.items()}  # after "layers.N." / "blk.N."
+TOP_NAMES = {meta: name for name, meta in gguf_reader.TOP_NAMES.items()}
 
 
 def gguf_name(meta_name: str) -> str:

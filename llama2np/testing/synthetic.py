@@ -4,7 +4,7 @@
     python scripts/checkpoints/make_synthetic_checkpoint.py --shape 7b --layout hf --dtype bf16 --out /tmp/synth-7b-hf
     python scripts/checkpoints/make_synthetic_checkpoint.py --shape 13b --layout meta --out /tmp/synth-13b-meta  # 2 shards
     python scripts/checkpoints/make_synthetic_checkpoint.py --shape 70b --layers 2 --layout meta --shards 8 \
-        --out /tmp/synth/70b-2layer-meta  # 70B's layer shapes, 2 of its 80 layers (tensor-parallel benchmark)
+        --out /tmp/synth-70b-2layer-meta  # 70B's layer shapes, 2 of its 80 layers (tensor-parallel benchmark)
 
 Layouts: ``meta`` (params.json + consolidated.NN.pth, split across model-parallel
 shards as fairscale does; default shard count as Meta ships: 7b 1, 13b 2, 70b 8),
@@ -32,6 +32,7 @@ import numpy as np
 from ..loaders.common import expected_shapes
 from ..loaders.hf import meta_name
 from ..loaders.llama2c import HEADER
+from ..loaders.meta import split_axis
 from ..model.args import PRESETS, ModelArgs
 from ..model.storage import float32_to_bf16
 from .writers import BF16, TensorSpec, write_pth, write_safetensors
@@ -47,15 +48,6 @@ SHAPES = {
                     hidden_dim=5632),
 }
 META_SHARDS = {"7b": 1, "13b": 2, "70b": 8}
-
-_COLUMN_PARALLEL = ("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight", "output.weight")
-_ROW_PARALLEL = ("wo.weight", "w2.weight", "tok_embeddings.weight")
-
-
-def shard_axis(name: str) -> int | None:
-    """The axis fairscale split ``name`` along across model-parallel shards (None: replicated)."""
-    return 0 if name.endswith(_COLUMN_PARALLEL) else 1 if name.endswith(_ROW_PARALLEL) else None
-
 
 def write_meta(out: Path, args: ModelArgs, source: Source, dtype: str, n_shards: int = 1) -> None:
     """params.json + consolidated.00.pth ... split the way Meta's release is."""
@@ -75,14 +67,14 @@ def write_meta(out: Path, args: ModelArgs, source: Source, dtype: str, n_shards:
     for k in range(n_shards):
         specs = []
         for name, shape in shapes.items():
-            axis = shard_axis(name)
+            axis = split_axis(name)
             if axis is not None:
                 shape = tuple(n // n_shards if a == axis else n for a, n in enumerate(shape))
             specs.append(TensorSpec(name, shape, dtype))
 
         def produce(spec: TensorSpec, k=k) -> list[np.ndarray]:
             full = source(spec.name, shapes[spec.name])
-            axis = shard_axis(spec.name)
+            axis = split_axis(spec.name)
             if axis is None or n_shards == 1:
                 return [full]
             size = spec.shape[axis]

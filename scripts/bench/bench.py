@@ -3,8 +3,8 @@
 
     python scripts/bench/bench.py --shape 110m --compare-hf
     python scripts/bench/bench.py --shape 1b --prompt-len 512 --new-tokens 16
-    python scripts/bench/bench.py /tmp/synth/7b-meta --prompt-len 16,128 --new-tokens 8 --runs 1 --compare-hf
-    python scripts/bench/bench.py /work/synth/13b-hf --quantize int8 --new-tokens 8 --runs 1
+    python scripts/bench/bench.py /tmp/synth-7b-meta --prompt-len 16,128 --new-tokens 8 --runs 1 --compare-hf
+    python scripts/bench/bench.py /tmp/synth-13b-hf --quantize int8 --new-tokens 8 --runs 1
     python scripts/bench/bench.py --speculative positions|lookup ...   (scripts/bench/bench_speculative.py)
 
 Small shapes get random weights made in memory (seeded, so ``--compare-hf``

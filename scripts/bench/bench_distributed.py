@@ -3,8 +3,8 @@
 extrapolation to the whole 80-layer model on N machines.
 
     python scripts/checkpoints/make_synthetic_checkpoint.py --shape 70b --layers 2 --layout meta --shards 8 \\
-        --out /tmp/synth/70b-2layer-meta
-    flock /work/heavy.lock python scripts/bench/bench_distributed.py /tmp/synth/70b-2layer-meta --tensor-parallel 8
+        --out /tmp/synth-70b-2layer-meta
+    python scripts/bench/bench_distributed.py /tmp/synth-70b-2layer-meta --tensor-parallel 8
 
 Three measurements, all in this run:
 

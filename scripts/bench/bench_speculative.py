@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Benchmark what speculative decoding buys: forward cost against positions, and prompt lookup against plain.
 
-    python scripts/bench/bench.py --speculative positions /tmp/synth/7b-meta      # (or this script directly)
+    python scripts/bench/bench.py --speculative positions /tmp/synth-7b-meta      # (or this script directly)
     python scripts/bench/bench.py --speculative --threads 1 lookup weights/demo \\
-        ../shared/data/stories260K/stories260K.bin --costs costs.json
+        weights/stories260K/stories260K.bin --costs costs.json
 
 ``positions``: the wall time of one forward pass over 1, 2, 4, 8, 16 new positions
 through the KV cache (after a prefill), median of ``--runs``: the price of

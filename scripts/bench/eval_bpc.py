@@ -1,8 +1,8 @@
 """Bits per character of held-out stories under one or more models, each with its own tokenizer.
 
-    python scripts/bench/eval_bpc.py --text /work/demo_build/heldout.txt \
+    python scripts/bench/eval_bpc.py --text /tmp/demo_build/heldout.txt \
         --model weights/demo \
-        --model ../shared/data/stories260K/stories260K.bin=../shared/data/stories260K/tok512.model
+        --model weights/stories260K/stories260K.bin=weights/stories260K/tok512.model
 
 Each story (one per line) is encoded with BOS and scored by llama2np's forward
 pass (``llama2np.perplexity``); bits per character = total negative

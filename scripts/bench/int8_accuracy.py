@@ -4,7 +4,7 @@
     python scripts/bench/int8_accuracy.py
 
 Runs every golden fixture in tests/golden/ (their token sequences) and the
-stories260K model from ../shared (its reference sequence, plus greedy decoding
+stories260K model of the real-weight test data, when present (its reference sequence, plus greedy decoding
 from BOS compared with llama2.c's reference ids).
 """
 

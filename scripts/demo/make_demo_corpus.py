@@ -1,6 +1,6 @@
 """Distil the demo model's training corpus from the trained stories260K model.
 
-    python scripts/demo/make_demo_corpus.py --out-dir /work/demo_build
+    python scripts/demo/make_demo_corpus.py --out-dir /tmp/demo_build
 
 Samples stories with llama2np's own batched ``Llama2.generate`` (temperature 1,
 top-p 0.9, a distinct seed for every row), starting each row from BOS.

@@ -5,8 +5,8 @@ Meta's ``llama/model.py`` (RMSNorm, interleaved-pair RoPE, grouped-query
 attention, SwiGLU with ``ffn_dim_multiplier`` / ``multiple_of``), with Meta's
 parameter names, so ``state_dict()`` is already a ``consolidated.00.pth``.
 
-    python scripts/demo/train_demo.py --corpus /work/demo_build/train.txt \
-        --tokenizer /work/demo_build/demo_tok.model --work-dir /work/demo_build --out weights/demo
+    python scripts/demo/train_demo.py --corpus /tmp/demo_build/train.txt \
+        --tokenizer /tmp/demo_build/demo_tok.model --work-dir /tmp/demo_build --out weights/demo
 
 Needs the ``train`` extra (torch). Deterministic for a seed on a given machine
 and thread count; checkpoints go to ``--work-dir`` and a rerun resumes from

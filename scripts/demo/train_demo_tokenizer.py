@@ -1,7 +1,7 @@
 """Train the demo model's own sentencepiece tokenizer on the distilled story corpus.
 
-    python scripts/demo/train_demo_tokenizer.py --corpus /work/demo_build/train.txt \
-        --out /work/demo_build/demo_tok --vocab-size 1024
+    python scripts/demo/train_demo_tokenizer.py --corpus /tmp/demo_build/train.txt \
+        --out /tmp/demo_build/demo_tok --vocab-size 1024
 
 BPE with byte fallback and Llama 2's special ids (unk 0, BOS 1, EOS 2, no
 pad), identity normalisation and a dummy prefix like Meta's tokenizer. The

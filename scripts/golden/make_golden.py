@@ -14,7 +14,7 @@ Fixtures written (one directory each, plus ``manifest.json`` describing them):
   * ``layouts/``: ONE random grouped-query model saved as Meta single-file,
     Meta 2-shard (split as fairscale does), HF ``model.safetensors`` and HF
     2-file sharded safetensors, each in float32 and bfloat16.
-  * ``stories260K/``: ids and reference logits for ../shared's llama2.c model
+  * ``stories260K/``: ids and reference logits for llama2.c's stories260K model (from the real-weight test data, see tests/conftest.py)
     (the model file itself is never copied into the repository).
 
 Usage (needs the ``reference`` extra: torch, transformers):
@@ -308,7 +308,7 @@ def make_stories260k(out: Path, n_prompt: int = 48) -> dict:
     assert agree.all(), f"stories260K: HF argmax departs from llama2.c's greedy ids at {np.flatnonzero(~agree)}"
     (out / "stories260K").mkdir(parents=True)
     save_reference(out / "stories260K" / "reference.npz", ids, logits,
-                   source="../shared/data/stories260K/stories260K.bin",
+                   source="stories260K/stories260K.bin (llama2.c)",
                    sha256=hashlib.sha256(path.read_bytes()).hexdigest(), header=header)
     return {"kind": "llama2c", "shared": ["stories260K", "stories260K.bin"],
             "tokenizer": ["stories260K", "tok512.model"], "reference": "stories260K/reference.npz"}
@@ -360,7 +360,7 @@ def main() -> None:
             manifest[f"layouts/{name}"] = {"kind": name.split("_")[0], "dir": f"layouts/{name}",
                                            "reference": ref, "storage": storage}
 
-    print("stories260K (llama2.c, from ../shared):")
+    print("stories260K (llama2.c, from the real-weight test data):")
     manifest["stories260K"] = make_stories260k(out)
 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
