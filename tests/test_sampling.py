@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from llama2np import InputError
-from llama2np.generation.sampling import SamplingParams, check_sampling, filtered_probs, make_rngs, sample
+from llama2np import GenerationConfig
+from llama2np.generation.sampling import filtered_probs, make_rngs, sample
 
 
 def kept(probs: np.ndarray) -> set[int]:
@@ -15,7 +16,7 @@ def kept(probs: np.ndarray) -> set[int]:
 
 def test_greedy_is_argmax():
     logits = np.random.default_rng(0).normal(size=(6, 50))
-    ids = sample(logits, SamplingParams(temperature=0.0), make_rngs(0, 6))
+    ids = sample(logits, GenerationConfig(temperature=0.0), make_rngs(0, 6))
     assert ids.tolist() == [int(np.argmax(row)) for row in logits]
 
 
@@ -23,12 +24,12 @@ def test_temperature_scales_logits():
     logits = np.random.default_rng(1).normal(size=(2, 20))
     for t in (0.5, 1.0, 2.0):
         e = np.exp(logits / t)
-        np.testing.assert_allclose(filtered_probs(logits, SamplingParams(t, 1.0)), e / e.sum(-1, keepdims=True))
+        np.testing.assert_allclose(filtered_probs(logits, GenerationConfig(t, 1.0)), e / e.sum(-1, keepdims=True))
 
 
 def test_top_k_keeps_the_k_likeliest():
     logits = np.random.default_rng(2).normal(size=(3, 40))
-    probs = filtered_probs(logits, SamplingParams(1.0, 1.0, top_k=5))
+    probs = filtered_probs(logits, GenerationConfig(1.0, 1.0, top_k=5))
     for row, p in zip(logits, probs):
         assert kept(p) == set(np.argsort(row)[-5:].tolist())
         np.testing.assert_allclose(p.sum(), 1.0)
@@ -38,11 +39,11 @@ def test_top_k_keeps_the_k_likeliest():
 
 def test_top_p_is_metas_nucleus():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
-    assert kept(filtered_probs(logits, SamplingParams(1.0, 0.7))[0]) == {0, 1}
-    assert kept(filtered_probs(logits, SamplingParams(1.0, 0.85))[0]) == {0, 1, 2}
-    assert kept(filtered_probs(logits, SamplingParams(1.0, 1e-6))[0]) == {0}  # never empty
-    assert kept(filtered_probs(logits, SamplingParams(1.0, 1.0))[0]) == {0, 1, 2, 3}
-    np.testing.assert_allclose(filtered_probs(logits, SamplingParams(1.0, 0.7))[0, :2], [0.625, 0.375])
+    assert kept(filtered_probs(logits, GenerationConfig(1.0, 0.7))[0]) == {0, 1}
+    assert kept(filtered_probs(logits, GenerationConfig(1.0, 0.85))[0]) == {0, 1, 2}
+    assert kept(filtered_probs(logits, GenerationConfig(1.0, 1e-6))[0]) == {0}  # never empty
+    assert kept(filtered_probs(logits, GenerationConfig(1.0, 1.0))[0]) == {0, 1, 2, 3}
+    np.testing.assert_allclose(filtered_probs(logits, GenerationConfig(1.0, 0.7))[0, :2], [0.625, 0.375])
 
 
 def test_top_p_keeps_smallest_set_exceeding_p():
@@ -53,19 +54,19 @@ def test_top_p_keeps_smallest_set_exceeding_p():
         probs = np.exp(logits[0]) / np.exp(logits[0]).sum()
         order = np.argsort(-probs)
         n = next(m for m in range(1, 31) if probs[order[:m]].sum() > p)  # brute force
-        assert kept(filtered_probs(logits, SamplingParams(1.0, p))[0]) == set(order[:n].tolist())
+        assert kept(filtered_probs(logits, GenerationConfig(1.0, p))[0]) == set(order[:n].tolist())
 
 
 def test_top_k_then_top_p():
     logits = np.log(np.array([[0.4, 0.3, 0.2, 0.1]]))
     # top-k 2 leaves [4/7, 3/7]; top-p 0.5 then keeps only the first
-    assert kept(filtered_probs(logits, SamplingParams(1.0, 0.5, top_k=2))[0]) == {0}
-    assert kept(filtered_probs(logits, SamplingParams(1.0, 0.6, top_k=3))[0]) == {0, 1}
+    assert kept(filtered_probs(logits, GenerationConfig(1.0, 0.5, top_k=2))[0]) == {0}
+    assert kept(filtered_probs(logits, GenerationConfig(1.0, 0.6, top_k=3))[0]) == {0, 1}
 
 
 def test_draws_follow_the_distribution_and_stay_in_the_set():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
-    params, rng = SamplingParams(1.0, 0.85), make_rngs(11, 1)
+    params, rng = GenerationConfig(1.0, 0.85), make_rngs(11, 1)
     draws = np.array([sample(logits, params, rng)[0] for _ in range(20000)])
     assert set(draws.tolist()) == {0, 1, 2}
     freq = np.bincount(draws, minlength=4) / draws.size
@@ -74,7 +75,7 @@ def test_draws_follow_the_distribution_and_stay_in_the_set():
 
 def test_seeds_reproduce_and_rows_are_independent():
     logits = np.zeros((3, 100))  # uniform
-    params = SamplingParams(1.0, 1.0)
+    params = GenerationConfig(1.0, 1.0)
 
     def draws(seed, batch=3, n=40):
         rngs = make_rngs(seed, batch)
@@ -97,11 +98,11 @@ def test_seeds_reproduce_and_rows_are_independent():
 def test_bad_sampling_arguments(kwargs, match):
     args = dict(temperature=0.6, top_p=0.9, top_k=None, max_new_tokens=10) | kwargs
     with pytest.raises(InputError, match=match):
-        check_sampling(**args)
+        GenerationConfig(**args)
 
 
 def test_bad_seeds():
     with pytest.raises(InputError, match="seed"):
-        make_rngs(-1, 1)
+        GenerationConfig(seed=-1)
     with pytest.raises(InputError, match="2 seeds for 3 prompts"):
         make_rngs([1, 2], 3)
