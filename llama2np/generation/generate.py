@@ -89,6 +89,32 @@ class GenerationStream:
         self.completion = request.completion()
 
 
+def new_request(model: Transformer, tokenizer: Tokenizer | None, prompt, config: GenerationConfig,
+                rng: np.random.Generator | None = None, text_context: bool = True, text_out: bool = False) -> Request:
+    """A ``Request`` for one prompt (a str, or token ids), ready for ``Decoder.add``; InputError on a bad prompt.
+
+    rng: its random generator (default: ``default_rng(config.seed)``, a list of seeds
+    being for batches). Its text is decoded when the prompt is text, text_out is set or
+    there are stop strings (all three need the tokenizer; see ``generate``).
+    """
+    if rng is None:
+        if isinstance(config.seed, tuple):
+            raise InputError(f"a list of seeds is for a batch; one prompt takes one seed, got {list(config.seed)}")
+        rng = make_rngs(config.seed, 1)[0]
+    if _as_prompts(prompt)[1]:
+        raise InputError("a request takes one prompt (a str or a list of token ids), not a batch")
+    as_text = text_out or isinstance(prompt, str)
+    if tokenizer is None and (config.stop or as_text):
+        what = "stop strings need" if config.stop else "a text prompt needs"
+        raise InputError(f"{what} a tokenizer and this model has none: pass token ids, or tokenizer_path= "
+                         "to from_pretrained")
+    args = model.args
+    ids = _prompt_ids(prompt, tokenizer, args.vocab_size, args.max_seq_len)
+    decoder = tokenizer.stream(ids if text_context else ()) if as_text or config.stop else None
+    eos = tokenizer.eos_id if tokenizer is not None else LLAMA_EOS
+    return Request(ids, config, rng, args.max_seq_len, eos, decoder, prompt if isinstance(prompt, str) else None)
+
+
 def generate(model: Transformer, tokenizer: Tokenizer | None, prompt, config: GenerationConfig, *,
              stream: bool = False, text_context: bool = True, text_out: bool = False,
              draft_model: Transformer | None = None, prefix: PrefixCache | None = None,
@@ -108,20 +134,10 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompt, config: Ge
     prompts, batched = _as_prompts(prompt)
     if stream and batched:
         raise InputError("stream=True takes one prompt, not a batch")
-    if tokenizer is None and (config.stop or text_out or any(isinstance(p, str) for p in prompts)):
-        what = "stop strings need" if config.stop else "a text prompt needs"
-        raise InputError(f"{what} a tokenizer and this model has none: pass token ids, or tokenizer_path= "
-                         "to from_pretrained")
-    args = model.args
     rngs = make_rngs(config.seed, len(prompts))
-    eos = tokenizer.eos_id if tokenizer is not None else LLAMA_EOS
     as_text = [text_out or isinstance(p, str) for p in prompts]
-    requests = []
-    for p, text, rng in zip(prompts, as_text, rngs):
-        ids = _prompt_ids(p, tokenizer, args.vocab_size, args.max_seq_len)
-        decoder = tokenizer.stream(ids if text_context else ()) if text or config.stop else None
-        requests.append(Request(ids, config, rng, args.max_seq_len, eos, decoder,
-                                p if isinstance(p, str) else None))
+    requests = [new_request(model, tokenizer, p, config, rng, text_context, text_out)
+                for p, rng in zip(prompts, rngs)]
 
     stats = stats if stats is not None else Stats()
     stats.drafter = "prompt lookup" if isinstance(drafter, PromptLookup) else "draft model" if drafter else None
