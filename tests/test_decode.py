@@ -138,3 +138,14 @@ def test_config_and_keywords(demo):
         demo.generate("Once", config={"temperature": 0})
     with pytest.raises(InputError, match="one prompt takes one seed"):
         new_request(demo.model, demo.tokenizer, "Once", GenerationConfig(seed=[1, 2]))
+
+
+def test_the_generation_docs_examples_run(monkeypatch, capsys):
+    import re
+
+    repo = DEMO.parents[1]
+    monkeypatch.chdir(repo)
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", (repo / "docs" / "generation.md").read_text(), flags=re.S):
+        exec(compile(block, "docs/generation.md", "exec"), namespace)
+    assert capsys.readouterr().out and namespace["decoder"].stats.forward_passes > 0
