@@ -149,3 +149,38 @@ def test_the_generation_docs_examples_run(monkeypatch, capsys):
     for block in re.findall(r"```python\n(.*?)```", (repo / "docs" / "generation.md").read_text(), flags=re.S):
         exec(compile(block, "docs/generation.md", "exec"), namespace)
     assert capsys.readouterr().out and namespace["decoder"].stats.forward_passes > 0
+
+
+def test_rows_at_their_own_positions_give_each_sequence_its_own_logits():
+    """Transformer.forward with per-row positions = each sequence's own forward (float64: to 1e-12)."""
+    model = Llama2.from_pretrained(Path(__file__).resolve().parent / "golden" / "gqa2", dtype="float64").model
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, model.args.vocab_size, n).tolist() for n in (5, 9, 2)]
+    caches = []
+    for s in seqs:  # each prefilled alone, all but its last token
+        cache = model.new_cache(1, 16)
+        model.forward(np.array([s[:-1]]), 0, cache)
+        caches.append(cache)
+    joined = caches[0]
+    for i in range(1, len(seqs)):  # sequence i joins the rows before it
+        joined = joined.add_rows(max(len(q) - 1 for q in seqs[:i]), caches[i], len(seqs[i]) - 1)
+    got = model.forward(np.array([[s[-1]] for s in seqs]), np.array([len(s) - 1 for s in seqs]), joined)[:, 0]
+    for s, row in zip(seqs, got):
+        np.testing.assert_allclose(row, model.forward(np.array([s]))[0, -1], rtol=0, atol=1e-12)
+    with pytest.raises(InputError, match="one token per row"):
+        model.forward(np.array([[1, 2]]), np.array([3]), joined)
+
+
+def test_requests_that_join_later_decode_in_the_same_forward(demo):
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+    decoder = Decoder(demo.model, progress=False)
+    requests = [new_request(demo.model, demo.tokenizer, p, cfg) for p in ("Once upon a time", "The dog", "Tom")]
+    for r in requests:  # one joins at each step
+        decoder.add([r])
+        decoder.step()
+    before = decoder.stats.forward_passes
+    decoder.step()  # three running requests, none new: one forward
+    assert decoder.stats.forward_passes == before + 1 and len(decoder.running) == 3
+    decoder.run()
+    for r, p in zip(requests, ("Once upon a time", "The dog", "Tom")):
+        assert r.completion().text == fresh(demo, p, config=cfg)

@@ -1,23 +1,24 @@
-"""The decode loop: one ``Decoder`` steps every running request, a request at a time or a batch.
+"""The decode loop: one ``Decoder`` steps every running request, whether one, a batch, or a stream of them.
 
 Requests join with ``add`` and leave when they finish (or are cancelled), between
-steps. Requests added together form a group that shares one KV cache:
+steps; a step runs
 
-* several without a drafter go in lockstep, as Meta's ``Llama.generate``: the
-  first forward prefills every row up to the shortest prompt, each later one
-  feeds one position for the whole group; a row still inside its (longer)
-  prompt keeps its prompt token instead of the sampled one. Rows that finish
-  are dropped from the group's cache so they cost nothing more.
-* one alone, or each one when decoding speculatively, goes through a
-  ``PrefixCache`` (for a single call the model's kept one, so a shared prefix
-  is not recomputed). A step feeds the tokens the cache lacks, plus the draft.
+* one forward for every request past its prefill (the ``_Batch``): row b feeds
+  its last token at its own position (``Transformer.forward`` with per-row
+  positions), so requests that started at different times decode together, as a
+  server's continuous batching wants. Finished rows leave the batch's KV cache.
+* one forward per newly added request, its whole prompt through a fresh cache
+  (``_Prefill``); it gives the first new token, then the request joins the batch.
+* one forward per request that decodes alone (``_Single``) through a
+  ``PrefixCache``: a single call's request through the model's kept cache (KV
+  reuse: a shared prefix is not recomputed), every request when decoding
+  speculatively (the step feeds the draft too), and every request on a model
+  that runs one start position per forward (tensor parallel).
 
-``step`` runs one forward per group, chooses each request's next tokens
-(``sampling.sample``, or ``drafting.verify`` for a draft) and appends them.
-Every request has its own random generator, stopping rule and text decoder, so
-its tokens are those it would get alone. A group holds the positions of its own
-requests only; the KV cache of a group that joins later cannot be merged into
-a running batch, since the model runs one start position per forward.
+Each request's next tokens are then chosen (``sampling.sample``, or
+``drafting.verify`` for a draft) and appended. Every request has its own random
+generator, stopping rule and text decoder, so its tokens are those it would get
+alone.
 
 A request reads everything it needs from its own ids at each step: if another
 call reused a kept ``PrefixCache`` between two steps, the next step computes
@@ -46,33 +47,63 @@ __all__ = ["Completion", "Decoder", "Request", "Stats"]
 Moves = list[tuple[Request, np.ndarray, Draft | None]]
 
 
-class _Lockstep:
-    """Requests that share one (batch, ...) KV cache and advance one position a step together."""
+class _Prefill:
+    """A request's prompt in one forward through its own fresh cache; then it joins the ``_Batch``."""
 
-    def __init__(self, model: Transformer, requests: list[Request], progress: bool | None):
-        self.model, self.requests, self.progress = model, list(requests), progress
-        self.lens = np.array([len(r.prompt) for r in requests])
-        total = min(model.args.max_seq_len, max(len(r.prompt) + r.max_new_tokens for r in requests))
-        self.cache = model.new_cache(len(requests), total)
-        self.pos = 0  # positions every row's cache holds
+    prefill = True
+
+    def __init__(self, model: Transformer, request: Request, progress: bool | None):
+        self.model, self.request, self.progress = model, request, progress
+        self.cache = model.new_cache(1, min(model.args.max_seq_len, len(request.prompt) + request.max_new_tokens))
+        self.done = False
 
     def forward(self, stats: Stats) -> Moves:
-        keep = np.array([not r.done for r in self.requests])
+        self.done = True
+        r = self.request
+        if r.done:
+            return []
+        stats.prompt_tokens += len(r.prompt)
+        on_layer = layer_callback(self.model.args.n_layers, len(r.prompt), self.progress)
+        logits = self.model.forward(np.array([r.prompt], dtype=np.int64), 0, self.cache, on_layer)[0, -1:]
+        return [(r, logits, None)]  # (1, vocab): the first new token
+
+
+class _Batch:
+    """Every request past its prefill: one forward a step for all of them, each row at its own position.
+
+    Row b of the cache holds request b's positions 0..len(ids) - 2 (its last token is fed
+    next). Requests join with their prefilled cache and leave once finished.
+    """
+
+    prefill = False
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.requests: list[Request] = []
+        self.cache = None
+
+    def _filled(self) -> int:
+        return max((len(r.ids) - 1 for r in self.requests), default=0)
+
+    def join(self, request: Request, cache) -> None:
+        n = len(request.ids) - 1  # positions its own cache holds
+        self.cache = cache if self.cache is None else self.cache.add_rows(self._filled(), cache, n)
+        self.requests.append(request)
+
+    def forward(self, stats: Stats) -> Moves:
+        keep = np.array([not r.done for r in self.requests], dtype=bool)
         if not keep.all():  # finished rows leave the batch (and the cache)
-            self.cache = self.cache.keep_rows(keep, self.pos)
+            if keep.any():
+                self.cache = self.cache.keep_rows(keep, self._filled())
+            else:
+                self.cache = None
             self.requests = [r for r, k in zip(self.requests, keep) if k]
-            self.lens = self.lens[keep]
         if not self.requests:
             return []
-        end = int(self.lens.min()) if self.pos == 0 else self.pos + 1
-        tokens = np.array([r.ids[self.pos:end] for r in self.requests], dtype=np.int64)  # (batch, end - pos)
-        on_layer = None
-        if self.pos == 0:  # a bar for the prefill only
-            stats.prompt_tokens += int(self.lens.sum())
-            on_layer = layer_callback(self.model.args.n_layers, tokens.size, self.progress)
-        logits = self.model.forward(tokens, self.pos, self.cache, on_layer)[:, -1:]  # (batch, 1, vocab)
-        self.pos = end
-        return [(r, logits[i], None) for i, r in enumerate(self.requests) if self.lens[i] <= end]
+        tokens = np.array([[r.ids[-1]] for r in self.requests], dtype=np.int64)  # (batch, 1)
+        positions = np.array([len(r.ids) - 1 for r in self.requests], dtype=np.int64)  # (batch,)
+        logits = self.model.forward(tokens, positions, self.cache)  # (batch, 1, vocab)
+        return [(r, logits[b], None) for b, r in enumerate(self.requests)]
 
     @property
     def done(self) -> bool:
@@ -87,6 +118,10 @@ class _Single:
         self.request, self.prefix, self.drafter, self.num_draft = request, prefix, drafter, num_draft
         self.progress = progress
         self.started = False
+
+    @property
+    def prefill(self) -> bool:
+        return not self.started
 
     def forward(self, stats: Stats) -> Moves:
         r = self.request
@@ -128,57 +163,59 @@ class Decoder:
                  progress: bool | None = None, stats: Stats | None = None):
         self.model, self.drafter, self.num_draft, self.progress = model, drafter, num_draft, progress
         self.stats = stats if stats is not None else Stats()
-        self._groups: list[_Lockstep | _Single] = []
-        self._first: set[int] = set()  # groups whose next forward is their prefill
+        self._batch = _Batch(model)
+        self._groups: list = []  # prefills waiting for the next step, and single requests
         self._lock = threading.Lock()
 
     def add(self, requests: list[Request], prefix: PrefixCache | None = None) -> None:
-        """Requests that start together (in lockstep when several and not drafting).
+        """Requests that start at the next step.
 
-        prefix: the KV cache a single request decodes through (KV reuse); else each
-        request alone gets a fresh one.
+        prefix: the KV cache a single request decodes through (KV reuse: it leaves its own
+        keys and values behind there). Otherwise a request is prefilled on its own and then
+        decodes in the batch; when drafting, or on a model that runs one start position per
+        forward, each request decodes alone through a fresh ``PrefixCache``.
         """
         requests = [r for r in requests if not r.done]
         if not requests:
             return
+        alone = self.drafter is not None or not getattr(self.model, "rows_at_own_positions", False)
         with self._lock:
-            if len(requests) > 1 and self.drafter is None:
-                groups = [_Lockstep(self.model, requests, self.progress)]
-            else:
-                groups = []
-                for r in requests:
-                    cache = prefix if prefix is not None and len(requests) == 1 else PrefixCache(
-                        self.model, min(self.model.args.max_seq_len, len(r.prompt) + r.max_new_tokens))
-                    groups.append(_Single(r, cache, self.drafter, self.num_draft, self.progress))
-            self._groups += groups
-            self._first |= {id(g) for g in groups}
+            for r in requests:
+                if prefix is not None and len(requests) == 1:
+                    self._groups.append(_Single(r, prefix, self.drafter, self.num_draft, self.progress))
+                elif alone:
+                    cache = PrefixCache(self.model, min(self.model.args.max_seq_len, len(r.prompt) + r.max_new_tokens))
+                    self._groups.append(_Single(r, cache, self.drafter, self.num_draft, self.progress))
+                else:
+                    self._groups.append(_Prefill(self.model, r, self.progress))
 
     @property
     def running(self) -> list[Request]:
         """The requests not finished yet."""
         with self._lock:
-            return [r for g in self._groups for r in self._requests(g) if not r.done]
+            return [r for g in [self._batch, *self._groups] for r in self._requests(g) if not r.done]
 
     @staticmethod
     def _requests(group) -> list[Request]:
-        return group.requests if isinstance(group, _Lockstep) else [group.request]
+        return group.requests if isinstance(group, _Batch) else [group.request]
 
     def step(self) -> list[tuple[Request, str]]:
-        """One forward per group; returns (request, newly printable text) for each request that moved."""
+        """One forward for the batch, one per new or single request; (request, newly printable text) per mover."""
         with self._lock:
             events = []
-            for group in self._groups:
+            for group in [self._batch, *self._groups]:
                 events += self._step_group(group)
+                if isinstance(group, _Prefill) and not group.request.done:
+                    self._batch.join(group.request, group.cache)
             self._groups = [g for g in self._groups if not g.done]
             return events
 
     def _step_group(self, group) -> list[tuple[Request, str]]:
         stats = self.stats
         t0 = time.perf_counter()
-        prefill = id(group) in self._first
-        self._first.discard(id(group))
+        prefill = group.prefill
         moves = group.forward(stats)
-        if not moves and group.done:
+        if not moves:
             return []
         stats.forward_passes += 1
         by_config: dict[int, list[tuple[Request, np.ndarray]]] = {}
