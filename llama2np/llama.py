@@ -180,7 +180,7 @@ class Llama2:
         prompt_lookup=N drafts by copying what followed the latest earlier occurrence of the
         last n <= N tokens; draft_model (a Llama2 sharing the vocabulary, or its path) drafts
         with a smaller model; num_draft tokens per step (default 3); the model checks
-        a whole draft in one forward pass. A batch then decodes each row on its own.
+        a whole draft in one forward pass. Each row of a batch then decodes on its own.
         reuse_cache: a single prompt reuses the kept KV cache of the previous call for the
         tokens they share, and leaves its own behind (False: fresh cache, nothing kept).
         ``last_stats`` holds the call's counts: forward passes, drafted / accepted tokens.

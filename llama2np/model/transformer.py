@@ -68,7 +68,8 @@ def apply_rope(x: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     """Rotate each (even, odd) pair of a head's dimensions by its position's angle.
 
     x: (batch, seq, heads, head_dim); rotation: (seq, head_dim // 2) from
-    ``rope_tables``, or (batch, seq, head_dim // 2) when each row is at its own position. This is Meta's layout: dimension pairs (2i, 2i+1) form the
+    ``rope_tables``, or (batch, seq, head_dim // 2) when each row is at its own position.
+    This is Meta's layout: dimension pairs (2i, 2i+1) form the
     complex number rotated by frequency i (HF reorders the rows of wq/wk so it
     can rotate halves instead; loaders undo that).
     """
@@ -290,7 +291,8 @@ class Transformer:
             raise InputError(f"batch of {bsz} sequences does not match the cache's {cache.batch_size}")
         end = int(positions.max()) + 1
         if positions.min() < 0 or end > cache.max_seq_len:
-            raise InputError(f"positions {positions.min()}..{end - 1} are outside the context length {cache.max_seq_len}")
+            raise InputError(f"positions {positions.min()}..{end - 1} are outside the context length "
+                             f"{cache.max_seq_len}")
         cache.reserve(end)
         rotation = self.rope(0, end)[positions][:, None]  # (batch, 1, head_dim // 2)
         later = np.arange(end) > positions[:, None]  # (batch, end): positions after each row's own
