@@ -3,7 +3,8 @@
 Rules: generate (text or ids, greedy or seeded), start a stream, read some of a stream (streams stay
 open across other rules), logits, chat, a batch and clear_cache, all on one ``Llama2`` with its kept
 KV cache. After each step the result equals the same call on a reference with ``reuse_cache=False``
-(greedy: token-identical; logits within 1e-5 in float32, 1e-12 in float64).
+(greedy: token-identical; logits within 1e-5 in float32, 1e-12 in float64, relative
+to 1 + |logit|: the kept cache computes positions in other shapes of matrix products).
 
 CI runs the deterministic "ci" profile; ``HYPOTHESIS_PROFILE=long`` runs many more examples.
 """
@@ -93,7 +94,7 @@ class Interleaving(RuleBasedStateMachine):
     def logits(self, data):
         ids = self.ids(data, hi=16)
         got = self.model.logits(ids)
-        np.testing.assert_allclose(got, self.ref.logits(ids, reuse_cache=False), rtol=0, atol=self.tol * 10)
+        np.testing.assert_allclose(got, self.ref.logits(ids, reuse_cache=False), rtol=self.tol, atol=self.tol)
 
     @precondition(lambda self: self.text)
     @rule(data=st.data())
