@@ -1,152 +1,186 @@
-"""Generation: KV-cache decoding, stopping rules, batches, streaming, and stories260K's greedy golden run."""
+"""The decode loop: streams that stay right whatever runs between their pieces, requests that join and
+leave a Decoder between steps, stop strings split across tokens, and the log-probabilities it reports."""
 
 from __future__ import annotations
 
-import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import shared_path
-from llama2np import InputError, Llama2
-from llama2np.generation import decode as generation
-from llama2np.generation.decode import Completion
-from llama2np.errors import ContextLengthWarning
+from llama2np import GenerationConfig, InputError, Llama2
+from llama2np.generation.decode import Decoder
+from llama2np.generation.generate import new_request
 from llama2np.generation.sampling import log_softmax
-from tiny_model import tiny_args, tiny_model
 
-PROMPTS = [[1, 17, 40], [1], [1, 99, 3, 250, 7, 12, 61], [1, 5, 6, 7]]
-
-
-@pytest.fixture(autouse=True)
-def no_eos(monkeypatch):
-    """The random model may well produce id 2; only the test about EOS gives it a meaning."""
-    monkeypatch.setattr(generation, "LLAMA_EOS", -1)
+DEMO = Path(__file__).resolve().parents[1] / "weights" / "demo"
 
 
 @pytest.fixture(scope="module")
-def tiny() -> Llama2:
-    return tiny_model()  # token ids only: no tokenizer
+def demo() -> Llama2:
+    return Llama2.from_pretrained(DEMO)
 
 
-def naive_greedy(model: Llama2, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding by recomputing the whole sequence each step: no KV cache."""
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(np.argmax(model.logits(ids)[-1])))
-    return ids[len(prompt):]
+def fresh(model: Llama2, prompt, **options):
+    return model.generate(prompt, reuse_cache=False, **options)
 
 
-def test_kv_cache_decoding_matches_recomputing(tiny):
-    for prompt in PROMPTS[:3]:
-        assert tiny.generate(prompt, max_new_tokens=12, temperature=0) == naive_greedy(tiny, prompt, 12)
+def test_a_paused_stream_continues_right_after_other_calls(demo):
+    ids = demo.tokenizer.encode("Once upon a time there was a little girl named")[:10]
+    expected = fresh(demo, ids, max_new_tokens=8, temperature=0)
+    stream = demo.generate(ids, max_new_tokens=8, temperature=0, stream=True)
+    got = [next(stream), next(stream)]
+    demo.logits(demo.tokenizer.encode("The dog ran to the park"))  # reuses the kept KV cache
+    got.append(next(stream))
+    demo.generate("A cat", max_new_tokens=3, temperature=0)  # so does this
+    demo.clear_cache()
+    got += list(stream)
+    assert got == expected
+    assert stream.completion.ids == expected and stream.stats.recomputed_tokens > 0
 
 
-@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 20)])
-def test_batch_equals_each_prompt_alone(tiny, temperature, top_k):
-    kw = dict(max_new_tokens=15, temperature=temperature, top_p=0.9, top_k=top_k)
-    batch = tiny.generate(PROMPTS, seed=3, **kw)
-    alone = [tiny.generate(p, seed=3 + i, **kw) for i, p in enumerate(PROMPTS)]
-    assert batch == alone
-    assert all(len(r) == 15 for r in batch)
+def test_two_interleaved_streams_and_a_chat(demo):
+    a_ids, b_text = [1, 365, 263], "The dog"
+    want_a = fresh(demo, a_ids, max_new_tokens=6, temperature=0.8, seed=4)
+    want_b = fresh(demo, b_text, max_new_tokens=6, temperature=0)
+    a = demo.generate(a_ids, max_new_tokens=6, temperature=0.8, seed=4, stream=True)
+    b = demo.generate(b_text, max_new_tokens=6, temperature=0, stream=True)
+    got_a, got_b = [], []
+    for _ in range(3):
+        got_a.append(next(a))
+        got_b.append(next(b, ""))
+    demo.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2, temperature=0)
+    got_a += list(a)
+    got_b += list(b)
+    assert got_a == want_a and "".join(got_b) == want_b
 
 
-def test_batch_rows_finish_independently(tiny, monkeypatch):
-    full = tiny.generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=0)
-    eos = full[2][4]  # make a token row 2 produces the end-of-sequence token
-    monkeypatch.setattr(generation, "LLAMA_EOS", eos)
-    got = tiny.generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=0, logprobs=True)
-    for row, c in zip(full, got):
-        cut = row.index(eos) if eos in row else len(row)
-        assert c.ids == row[:cut]
-        assert c.finish_reason == ("eos" if eos in row else "length")
+def test_requests_join_and_leave_a_decoder_between_steps(demo):
+    cfg = GenerationConfig(max_new_tokens=5, temperature=0)
+    long_cfg = cfg.replace(max_new_tokens=9)
+    tok = demo.tokenizer
+    decoder = Decoder(demo.model, progress=False)
+    first = new_request(demo.model, tok, "Once upon a time", long_cfg)
+    decoder.add([first])
+    decoder.step()
+    decoder.step()
+    pair = [new_request(demo.model, tok, "The dog", cfg), new_request(demo.model, tok, "Tom had a", cfg)]
+    decoder.add(pair)  # a lockstep group of two joins a running one
+    gone = new_request(demo.model, tok, "Lily", long_cfg)
+    decoder.add([gone])
+    decoder.step()
+    gone.cancel()
+    texts = {id(r): "" for r in [first, *pair]}
+    while decoder.running:
+        for r, text in decoder.step():
+            if id(r) in texts:
+                texts[id(r)] += text
+    assert gone.finish_reason == "cancelled" and gone not in decoder.running
+    for r, prompt, c in [(first, "Once upon a time", long_cfg), (pair[0], "The dog", cfg), (pair[1], "Tom had a", cfg)]:
+        assert r.completion().text == fresh(demo, prompt, config=c), prompt
+    assert decoder.stats.forward_passes > 0
 
 
-def test_same_seed_same_tokens(tiny):
-    a = tiny.generate([1, 4], max_new_tokens=20, temperature=1.0, seed=42)
-    assert a == tiny.generate([1, 4], max_new_tokens=20, temperature=1.0, seed=42)
-    assert a != tiny.generate([1, 4], max_new_tokens=20, temperature=1.0, seed=43)
+def test_a_stop_string_split_across_tokens_is_held_back_then_cut(demo):
+    prompt, n = "Once upon a time", 30
+    pieces = list(demo.generate(prompt, max_new_tokens=n, temperature=0, stream=True, reuse_cache=False))
+    full = "".join(pieces)
+    # a stop string that begins inside one piece and ends inside the next
+    i = next(i for i in range(len(pieces) - 1) if len(pieces[i]) >= 3 and len(pieces[i + 1]) >= 3)
+    stop = pieces[i][-2:] + pieces[i + 1][:2]
+    streamed = list(demo.generate(prompt, max_new_tokens=n, temperature=0, stop=stop, stream=True,
+                                  reuse_cache=False))
+    assert "".join(streamed) == full[:full.index(stop)]
+    assert stream_end(streamed) <= full.index(stop)
+    # a stop string whose start appears but whose end never does: what was held back comes out later
+    never = pieces[i][-2:] + "\u2603\u2603"
+    held = list(demo.generate(prompt, max_new_tokens=n, temperature=0, stop=[never], stream=True,
+                              reuse_cache=False))
+    assert "".join(held) == full and held != pieces  # the same text, in other pieces
 
 
-def test_logprobs_echo_and_stream(tiny):
-    prompt = PROMPTS[0]
-    c = tiny.generate(prompt, max_new_tokens=6, temperature=1.0, seed=1, logprobs=True)
-    assert isinstance(c, Completion) and c.finish_reason == "length" and len(c.logprobs) == 6
-    for i, (tok, lp) in enumerate(zip(c.ids, c.logprobs)):  # log p under the model at temperature 1
-        expected = log_softmax(tiny.logits(prompt + c.ids[:i])[-1])[tok]
-        assert lp == pytest.approx(expected, abs=1e-4)
-    assert tiny.generate(prompt, max_new_tokens=6, temperature=1.0, seed=1, echo=True) == prompt + c.ids
-    stream = tiny.generate(prompt, max_new_tokens=6, temperature=1.0, seed=1, stream=True)
-    assert list(stream) == c.ids and stream.completion.ids == c.ids
-    assert stream.stats.new_tokens == 6 and stream.stats.decode_steps == 5
-    # the kept KV cache held the prompt from the calls before: only its last token is recomputed
-    assert stream.stats.prompt_tokens == 1 and stream.stats.cached_tokens == len(prompt) - 1
+def stream_end(pieces: list[str]) -> int:
+    return len("".join(pieces))
 
 
-def test_empty_prompt_starts_from_bos(tiny):
-    assert tiny.generate([], max_new_tokens=5, temperature=0) == naive_greedy(tiny, [1], 5)
-    assert tiny.generate([1, 2, 3], max_new_tokens=0) == []
+def test_batch_logprobs_are_log_softmax_of_the_logits(demo):
+    prompts = [[1, 365, 263, 931], [1, 450, 112]]
+    completions = demo.generate(prompts, max_new_tokens=5, temperature=0.9, seed=2, logprobs=True, reuse_cache=False)
+    for p, c in zip(prompts, completions):
+        seq = p + c.ids
+        logp = log_softmax(demo.logits(seq, reuse_cache=False).astype(np.float64))  # (seq, vocab)
+        want = [logp[len(p) - 1 + i, t] for i, t in enumerate(c.ids)]
+        np.testing.assert_allclose(c.logprobs, want, rtol=1e-5, atol=1e-5)
 
 
-def test_context_length_cuts_with_a_warning():
-    model = tiny_model(tiny_args(max_seq_len=16))
-    with pytest.warns(ContextLengthWarning, match="context length 16"):
-        c = model.generate(list(range(1, 11)), max_new_tokens=20, temperature=0, logprobs=True)
-    assert len(c.ids) == 6 and c.finish_reason == "context"
-    with pytest.warns(ContextLengthWarning):
-        assert model.generate(list(range(1, 17)), max_new_tokens=5) == []
-    with pytest.raises(InputError, match="17 tokens.*context length 16"):
-        model.generate(list(range(1, 18)), max_new_tokens=5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the answer fits: no warning
-        assert len(model.generate(list(range(1, 11)), max_new_tokens=6, temperature=0)) == 6
+def test_logprobs_are_those_of_the_model_not_of_the_penalised_distribution(demo):
+    prompt = [1, 365, 263, 931]
+    plain = fresh(demo, prompt, max_new_tokens=6, temperature=0, logprobs=True)
+    shaped = fresh(demo, prompt, max_new_tokens=6, temperature=0, logprobs=True, repetition_penalty=3.0,
+                   presence_penalty=2.0, logit_bias={plain.ids[0]: -5.0})
+    assert shaped.ids != plain.ids
+    seq = prompt + shaped.ids
+    logp = log_softmax(demo.logits(seq, reuse_cache=False).astype(np.float64))
+    want = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(shaped.ids)]
+    np.testing.assert_allclose(shaped.logprobs, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"),
-    (dict(top_k=0), "top_k"), (dict(max_new_tokens=-1), "max_new_tokens"),
-    (dict(prompt=[1, "a"]), "prompt"), (dict(prompt=[1, 2.5]), "prompt"), (dict(prompt=None), "prompt"),
-    (dict(prompt=[[1, 2], [3, None]]), "prompt"), (dict(prompt=[1, 999]), "999"),
-    (dict(prompt="text needs a tokenizer"), "tokenizer"), (dict(prompt=[[1], [2]], stream=True), "stream"),
-    (dict(stop=[""]), "stop"),
-])
-def test_bad_input(tiny, kwargs, match):
-    args = dict(prompt=[1, 2], max_new_tokens=3) | kwargs
-    with pytest.raises(InputError, match=match):
-        tiny.generate(args.pop("prompt"), **args)
+def test_config_and_keywords(demo):
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0)
+    assert demo.generate("Once", config=cfg) == demo.generate("Once", max_new_tokens=6, temperature=0)
+    assert demo.generate("Once", config=cfg, max_new_tokens=3) == demo.generate("Once", max_new_tokens=3,
+                                                                                temperature=0)
+    chat = [{"role": "user", "content": "Hello"}]
+    assert demo.chat(chat, config=cfg) == demo.chat(chat, max_new_tokens=6, temperature=0)
+    with pytest.raises(InputError, match="unknown generation option 'temprature'"):
+        demo.chat(chat, temprature=0)
+    with pytest.raises(InputError, match="config must be a GenerationConfig"):
+        demo.generate("Once", config={"temperature": 0})
+    with pytest.raises(InputError, match="one prompt takes one seed"):
+        new_request(demo.model, demo.tokenizer, "Once", GenerationConfig(seed=[1, 2]))
 
 
-# --- stories260K: a real trained model -------------------------------------------------
+def test_the_generation_docs_examples_run(monkeypatch, capsys):
+    import re
+
+    repo = DEMO.parents[1]
+    monkeypatch.chdir(repo)
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", (repo / "docs" / "generation.md").read_text(), flags=re.S):
+        exec(compile(block, "docs/generation.md", "exec"), namespace)
+    assert capsys.readouterr().out and namespace["decoder"].stats.forward_passes > 0
 
 
-def test_stories260k_greedy_200_matches_llama2c(stories):
-    ref = [int(t) for t in shared_path("reference", "stories260K_greedy_200_ids.txt").read_text().split()]
-    assert ref[0] == 1 and len(ref) == 201
-    assert stories.generate([], max_new_tokens=200, temperature=0) == ref[1:]
-    text = shared_path("reference", "stories260K_greedy_200.txt").read_text()
-    assert stories.generate("", max_new_tokens=200, temperature=0) == text
-    pieces = list(stories.generate("", max_new_tokens=200, temperature=0, stream=True))
-    assert "".join(pieces) == text and len(pieces) > 100
+def test_rows_at_their_own_positions_give_each_sequence_its_own_logits():
+    """Transformer.forward with per-row positions = each sequence's own forward (float64: to 1e-12)."""
+    model = Llama2.from_pretrained(Path(__file__).resolve().parent / "golden" / "gqa2", dtype="float64").model
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, model.args.vocab_size, n).tolist() for n in (5, 9, 2)]
+    caches = []
+    for s in seqs:  # each prefilled alone, all but its last token
+        cache = model.new_cache(1, 16)
+        model.forward(np.array([s[:-1]]), 0, cache)
+        caches.append(cache)
+    joined = caches[0]
+    for i in range(1, len(seqs)):  # sequence i joins the rows before it
+        joined = joined.add_rows(max(len(q) - 1 for q in seqs[:i]), caches[i], len(seqs[i]) - 1)
+    got = model.forward(np.array([[s[-1]] for s in seqs]), np.array([len(s) - 1 for s in seqs]), joined)[:, 0]
+    for s, row in zip(seqs, got):
+        np.testing.assert_allclose(row, model.forward(np.array([s]))[0, -1], rtol=0, atol=1e-12)
+    with pytest.raises(InputError, match="one token per row"):
+        model.forward(np.array([[1, 2]]), np.array([3]), joined)
 
 
-def test_stories260k_text_batch_stream_stop_echo(stories):
-    prompts = ["Once upon a time", "Lily and Tom went to", "The sun"]
-    kw = dict(max_new_tokens=40, temperature=0.9, top_p=0.9)
-    batch = stories.generate(prompts, seed=7, **kw)
-    assert batch == [stories.generate(p, seed=7 + i, **kw) for i, p in enumerate(prompts)]
-    assert "".join(stories.generate(prompts[0], seed=7, stream=True, **kw)) == batch[0]
-    # the text continues the prompt: prompt + text is the decoded whole
-    ids = stories.generate(stories.tokenizer.encode(prompts[1]), seed=8, **kw)
-    assert prompts[1] + stories.generate(prompts[1], seed=8, **kw) == stories.tokenizer.decode(
-        stories.tokenizer.encode(prompts[1]) + ids)
-    assert stories.generate(prompts[0], seed=7, echo=True, **kw) == prompts[0] + batch[0]
-    echoed = list(stories.generate(prompts[0], seed=7, echo=True, stream=True, **kw))
-    assert echoed[0] == prompts[0] and "".join(echoed[1:]) == batch[0]
-
-    full = stories.generate("Once upon a time", max_new_tokens=120, temperature=0)
-    assert "Lily" in full
-    cut = stories.generate("Once upon a time", max_new_tokens=120, temperature=0, stop=["Lily", "zebra"],
-                           logprobs=True)
-    assert cut.finish_reason == "stop" and cut.text == full[:full.index("Lily")]
-    streamed = stories.generate("Once upon a time", max_new_tokens=120, temperature=0, stop="Lily", stream=True)
-    assert "".join(streamed) == cut.text
+def test_requests_that_join_later_decode_in_the_same_forward(demo):
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+    decoder = Decoder(demo.model, progress=False)
+    requests = [new_request(demo.model, demo.tokenizer, p, cfg) for p in ("Once upon a time", "The dog", "Tom")]
+    for r in requests:  # one joins at each step
+        decoder.add([r])
+        decoder.step()
+    before = decoder.stats.forward_passes
+    decoder.step()  # three running requests, none new: one forward
+    assert decoder.stats.forward_passes == before + 1 and len(decoder.running) == 3
+    decoder.run()
+    for r, p in zip(requests, ("Once upon a time", "The dog", "Tom")):
+        assert r.completion().text == fresh(demo, p, config=cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llama2np.generation import decode as generation
+from llama2np.generation import generate as generation
 from llama2np.generation.chat import dialog_tokens
 from llama2np.generation.prefix_cache import PrefixCache
 from test_drafting import REPEAT, STORY

@@ -338,6 +338,8 @@ class DistributedTransformer(Transformer):
     so everything built on it works unchanged. Call ``close()`` (or drop it) to end the actors.
     """
 
+    rows_at_own_positions = False  # the actors run one start position per forward
+
     def __init__(self, ckpt: Checkpoint, world: int, dtype: str | np.dtype = "float32",
                  quantize: str | None = None, ray_address: str | None = None, timeout: float = DEFAULT_TIMEOUT):
         ray = import_ray()

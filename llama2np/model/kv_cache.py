@@ -48,6 +48,20 @@ class KVCache:
         smaller.v[:, :, :, :upto] = self.v[:, keep, :, :upto]
         return smaller
 
+    def add_rows(self, filled: int, other: "KVCache", upto: int) -> "KVCache":
+        """A cache holding these rows (positions < ``filled`` copied), then ``other``'s (positions < ``upto``).
+
+        So a sequence prefilled on its own joins a batch of running ones.
+        """
+        joined = object.__new__(KVCache)
+        joined.max_seq_len = max(self.max_seq_len, other.max_seq_len)
+        b = self.batch_size
+        shape = (self.k.shape[0], b + other.batch_size, self.k.shape[2], max(filled, upto, 1), self.k.shape[4])
+        joined.k, joined.v = np.zeros(shape, self.k.dtype), np.zeros(shape, self.v.dtype)
+        joined.k[:, :b, :, :filled], joined.v[:, :b, :, :filled] = self.k[:, :, :, :filled], self.v[:, :, :, :filled]
+        joined.k[:, b:, :, :upto], joined.v[:, b:, :, :upto] = other.k[:, :, :, :upto], other.v[:, :, :, :upto]
+        return joined
+
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]

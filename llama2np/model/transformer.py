@@ -68,14 +68,15 @@ def apply_rope(x: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     """Rotate each (even, odd) pair of a head's dimensions by its position's angle.
 
     x: (batch, seq, heads, head_dim); rotation: (seq, head_dim // 2) from
-    ``rope_tables``. This is Meta's layout: dimension pairs (2i, 2i+1) form the
+    ``rope_tables``, or (batch, seq, head_dim // 2) when each row is at its own position.
+    This is Meta's layout: dimension pairs (2i, 2i+1) form the
     complex number rotated by frequency i (HF reorders the rows of wq/wk so it
     can rotate halves instead; loaders undo that).
     """
     # A (real, imaginary) pair is laid out exactly like one complex number, so the
     # rotation is one complex multiply, as in Meta's code (view_as_complex).
     pairs = np.ascontiguousarray(x).view(rotation.dtype)  # (batch, seq, heads, head_dim/2)
-    return (pairs * rotation[:, None, :]).view(x.dtype)
+    return (pairs * rotation[..., None, :]).view(x.dtype)
 
 
 # softmax and silu work in place on one new array: at prefill their inputs are the biggest
@@ -122,9 +123,15 @@ class Attention:
         k = k.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, head_dim)
         v = v.transpose(0, 2, 1, 3)
         if cache_k is not None:
-            end = start_pos + seqlen
-            cache_k[:, :, start_pos:end] = k
-            cache_v[:, :, start_pos:end] = v
+            if np.ndim(start_pos):  # one token per row, row b at position start_pos[b]
+                rows = np.arange(bsz)
+                cache_k[rows, :, start_pos] = k[:, :, 0]
+                cache_v[rows, :, start_pos] = v[:, :, 0]
+                end = int(start_pos.max()) + 1
+            else:
+                end = start_pos + seqlen
+                cache_k[:, :, start_pos:end] = k
+                cache_v[:, :, start_pos:end] = v
             k, v = cache_k[:, :, :end], cache_v[:, :, :end]  # (batch, kv_heads, kv_len, head_dim)
 
         # Query head h uses key/value head h // r: group the r query heads of each kv head
@@ -135,7 +142,7 @@ class Attention:
         scores *= 1.0 / math.sqrt(hd)
         scores = scores.reshape(bsz, g, r, seqlen, -1)
         if mask is not None:
-            scores += mask  # (seq, kv_len) broadcast
+            scores += mask  # (seq, kv_len), or (batch, 1, 1, 1, kv_len) for rows at their own positions
         probs = softmax(scores).reshape(bsz, g, r * seqlen, -1)
         out = (probs @ v).reshape(bsz, g, r, seqlen, hd)  # (batch, kv_heads, r, seq, hd)
         out = out.transpose(0, 3, 1, 2, 4).reshape(bsz, seqlen, -1)  # (batch, seq, dim)
@@ -213,8 +220,6 @@ class TransformerBlock:
 class Transformer:
     """The whole network. ``forward`` maps token ids to next-token logits."""
 
-    progress: bool | None = None  # bars on long prefills and perplexity runs: None = on a terminal or in a notebook
-
     def __init__(self, args: ModelArgs, params: Mapping[str, np.ndarray], dtype: str | np.dtype = "float32",
                  quantize: str | None = None,
                  make_layer: Callable[[int], tuple[Attention, FeedForward]] | None = None):
@@ -260,6 +265,8 @@ class Transformer:
         """
         tokens = np.asarray(tokens)
         bsz, seqlen = tokens.shape
+        if np.ndim(start_pos):
+            return self._forward_rows(tokens, np.asarray(start_pos, dtype=np.int64), cache)
         end = start_pos + seqlen
         limit = cache.max_seq_len if cache is not None else self.args.max_seq_len
         if cache is None and start_pos != 0:
@@ -273,9 +280,36 @@ class Transformer:
         if cache is not None:
             cache.reserve(end)
 
-        h = to_float(self.tok_embeddings[tokens], self.dtype)  # (batch, seq, dim)
         rotation = self.rope(start_pos, end)  # (seq, head_dim // 2)
-        mask = causal_mask(seqlen, start_pos, self.dtype)
+        return self._layers(tokens, start_pos, rotation, causal_mask(seqlen, start_pos, self.dtype), cache, on_layer)
+
+    # Rows at their own positions: each row of a batch continues its own sequence, so sequences
+    # that started at different times decode in one forward pass (continuous batching).
+    rows_at_own_positions = True
+
+    def _forward_rows(self, tokens: np.ndarray, positions: np.ndarray, cache: KVCache | None) -> np.ndarray:
+        """One token per row, row b at position positions[b] of its own sequence: (batch, 1) -> (batch, 1, vocab).
+
+        Row b attends to its cache positions 0..positions[b]; what other rows' longer
+        sequences hold beyond that is masked out.
+        """
+        bsz, seqlen = tokens.shape
+        if cache is None or seqlen != 1 or positions.shape != (bsz,):
+            raise InputError("per-row positions take one token per row, a (batch,) array of positions and a cache")
+        if cache.batch_size != bsz:
+            raise InputError(f"batch of {bsz} sequences does not match the cache's {cache.batch_size}")
+        end = int(positions.max()) + 1
+        if positions.min() < 0 or end > cache.max_seq_len:
+            raise InputError(f"positions {positions.min()}..{end - 1} are outside the context length "
+                             f"{cache.max_seq_len}")
+        cache.reserve(end)
+        rotation = self.rope(0, end)[positions][:, None]  # (batch, 1, head_dim // 2)
+        later = np.arange(end) > positions[:, None]  # (batch, end): positions after each row's own
+        mask = np.where(later, -np.inf, 0.0).astype(self.dtype)[:, None, None, None, :]  # (batch, 1, 1, 1, end)
+        return self._layers(tokens, positions, rotation, mask, cache, None)
+
+    def _layers(self, tokens, start_pos, rotation, mask, cache, on_layer) -> np.ndarray:
+        h = to_float(self.tok_embeddings[tokens], self.dtype)  # (batch, seq, dim)
         # Our threads split the weight multiplies (widening bf16/int8 tiles), one BLAS thread each
         # (see linear.py and threads.py).
         with blas_threads(1):
