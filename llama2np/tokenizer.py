@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from .errors import InputError, TokenizerError
+from .token_ids import check_token_ids
 
 
 class Tokenizer:
@@ -44,16 +43,7 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """Text of ``ids``; BOS/EOS vanish and the first piece's leading space is dropped, as in Meta's."""
-        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-            raise InputError(f"decode takes a list of int token ids, got {type(ids).__name__}")
-        ids = list(ids)
-        odd = next((i for i in ids if not isinstance(i, (int, np.integer)) or isinstance(i, bool)), None)
-        if odd is not None:
-            raise InputError(f"decode takes int token ids, got {type(odd).__name__} {odd!r}")
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise TokenizerError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        ids = check_token_ids(ids, self.vocab_size, "decode", TokenizerError)
         return self.sp.Decode(ids)
 
     def stream(self, context: Sequence[int] = ()) -> "StreamDecoder":

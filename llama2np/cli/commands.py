@@ -6,6 +6,7 @@ warnings, errors) goes to stderr. Errors are one line and exit with status 2.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -147,6 +148,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     if args.system is not None:
         check_utf8(args.system, "--system")
+        check_content(args.system, "--system")  # before the model loads: it would refuse every message
     stdin_keeps_bad_bytes()
     sampling = _checked_sampling_kwargs(args)
     model = load_model(args)
@@ -305,6 +307,8 @@ def _logits_of_many(args, out: Path) -> int:
 def cmd_plan(args) -> int:
     from ..distributed.memory_plan import GiB, human, machines_table, memory_plan, read_model_config
 
+    if not (math.isfinite(args.machine_ram) and args.machine_ram > 0):
+        raise InputError(f"--machine-ram must be a positive number of GiB, got {args.machine_ram:g}")
     model_args, storage = read_model_config(args.model, args.max_seq_len)
     storage = args.storage or storage
     p = memory_plan(model_args, args.tensor_parallel, storage, args.dtype, args.quantize)

@@ -228,7 +228,7 @@ def make_rngs(seed, batch_size: int) -> list[np.random.Generator]:
             raise InputError(f"got {len(seed)} seeds for {batch_size} prompts")
         seeds = list(seed)
     else:
-        seeds = [seed + i if is_int(seed) else seed for i in range(batch_size)]
+        seeds = [int(seed) + i if is_int(seed) else seed for i in range(batch_size)]  # Python ints: no int64 wrap
     for s in seeds:
         if not is_int(s) or s < 0:
             raise InputError(f"seed must be an integer >= 0 (or None), got {s!r}")
