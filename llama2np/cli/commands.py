@@ -25,9 +25,15 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_SUFFIXES = (".bin", ".pth", ".safetensors", ".gguf")
 
 
+#: what str.splitlines() breaks a line at: inside a message (a file name, a flag's value) shown escaped
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
 def _say(message: str) -> None:
+    """One line on stderr: a line break a message carries (from a path or a value) is shown escaped."""
     if sys.stderr is not None:  # with stderr closed (2>&-) there is nowhere to say it
-        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+        line = "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in message.rstrip("\n"))
+        print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
 
 # --- which model -----------------------------------------------------------------------
@@ -367,3 +373,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:  # e.g. piped into head: stop quietly, and let the exit not flush into the pipe
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
+        except OSError as e:  # a path the OS refuses (too long, no permission ...) that no check caught
+            _say(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
+            return 2

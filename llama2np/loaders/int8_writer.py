@@ -42,6 +42,10 @@ from .int8 import CONFIG_FILE, FORMAT, WEIGHTS_FILE, is_matrix
 
 def check_out_dir(out: Path, flag: str = "--out") -> None:
     """InputError, before any model is loaded, when ``out`` cannot become a new checkpoint directory."""
+    try:
+        os.fsencode(out)
+    except UnicodeEncodeError as e:
+        raise InputError(f"{flag} {out!r}: not a file name this system can hold ({e.reason})") from None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{flag} {out}: exists and is not an empty directory; choose a new {flag}")
     parent = out.parent
