@@ -42,12 +42,14 @@ def join_cluster(ray_address: str | None, timeout: float):
         try:
             socket.create_connection(target, timeout=timeout).close()
         except (OSError, ValueError, OverflowError) as e:
+            why = getattr(e, "strerror", None) or e
             raise DistributedError(f"cannot join the Ray cluster at {ray_address!r}: nothing answers at "
-                                   f"{target[0]}:{target[1]} within {timeout:g} s ({getattr(e, 'strerror', None) or e})") from None
+                                   f"{target[0]}:{target[1]} within {timeout:g} s ({why})") from None
     kwargs = {"include_dashboard": False} if ray_address is None else {}
     try:
         ray.init(address=ray_address, log_to_driver=False, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {ray_address!r}" if ray_address else "a local Ray cluster"
-        raise DistributedError(f"cannot join {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__  # Ray's messages run to many lines
+        raise DistributedError(f"cannot join {where}: {first}") from None
     return ray
