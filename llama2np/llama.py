@@ -19,6 +19,7 @@ from .model.args import ModelArgs
 from .model.storage import resolve_compute_dtype
 from .model.transformer import Transformer
 from .progress import layer_callback
+from .token_ids import check_token_ids
 from .tokenizer import Tokenizer
 from .tools import compare as _compare
 from .tools import perplexity as _perplexity
@@ -286,6 +287,9 @@ class Llama2:
                 raise InputError(f"token ids must be integers, got {type(odd).__name__} {odd!r}")
             bad = next(t for t in ids.ravel().tolist() if not 0 <= t < self.args.vocab_size)
             raise InputError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size})")
+        if not isinstance(tokens, np.ndarray):  # NumPy reads True as 1: check the caller's own items
+            for row in ([tokens] if ids.ndim == 1 else tokens):
+                check_token_ids(row, self.args.vocab_size)
         bad = ids[(ids < 0) | (ids >= self.args.vocab_size)]
         if bad.size:
             raise InputError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.args.vocab_size})")

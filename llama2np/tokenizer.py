@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
+from .checks import is_int
 from .errors import InputError, TokenizerError
+from .token_ids import check_token_ids
 
 
 class Tokenizer:
@@ -44,21 +44,12 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """Text of ``ids``; BOS/EOS vanish and the first piece's leading space is dropped, as in Meta's."""
-        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-            raise InputError(f"decode takes a list of int token ids, got {type(ids).__name__}")
-        ids = list(ids)
-        odd = next((i for i in ids if not isinstance(i, (int, np.integer)) or isinstance(i, bool)), None)
-        if odd is not None:
-            raise InputError(f"decode takes int token ids, got {type(odd).__name__} {odd!r}")
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise TokenizerError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        ids = check_token_ids(ids, self.vocab_size, "decode", TokenizerError)
         return self.sp.Decode(ids)
 
     def id_to_piece(self, token: int) -> str:
         """The vocabulary's name for one id: its sentencepiece piece ("▁the", "<0x0A>", "</s>")."""
-        if not isinstance(token, (int, np.integer)) or isinstance(token, bool):
+        if not is_int(token):
             raise InputError(f"id_to_piece takes an int token id, got {type(token).__name__} {token!r}")
         if not 0 <= token < self.vocab_size:
             raise TokenizerError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})")

@@ -6,6 +6,7 @@ warnings, errors) goes to stderr. Errors are one line and exit with status 2.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -24,9 +25,15 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_SUFFIXES = (".bin", ".pth", ".safetensors", ".gguf")
 
 
+#: what str.splitlines() breaks a line at: inside a message (a file name, a flag's value) shown escaped
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
 def _say(message: str) -> None:
+    """One line on stderr: a line break a message carries (from a path or a value) is shown escaped."""
     if sys.stderr is not None:  # with stderr closed (2>&-) there is nowhere to say it
-        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+        line = "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in message.rstrip("\n"))
+        print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
 
 # --- which model -----------------------------------------------------------------------
@@ -140,6 +147,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     if args.system is not None:
         check_utf8(args.system, "--system")
+        check_content(args.system, "--system")  # before the model loads: it would refuse every message
     stdin_keeps_bad_bytes()
     config = _config(args)
     model = load_model(args)
@@ -298,6 +306,8 @@ def _logits_of_many(args, out: Path) -> int:
 def cmd_plan(args) -> int:
     from ..distributed.memory_plan import GiB, human, machines_table, memory_plan, read_model_config
 
+    if not (math.isfinite(args.machine_ram) and args.machine_ram > 0):
+        raise InputError(f"--machine-ram must be a positive number of GiB, got {args.machine_ram:g}")
     model_args, storage = read_model_config(args.model, args.max_seq_len)
     storage = args.storage or storage
     p = memory_plan(model_args, args.tensor_parallel, storage, args.dtype, args.quantize)
@@ -356,3 +366,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:  # e.g. piped into head: stop quietly, and let the exit not flush into the pipe
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
+        except OSError as e:  # a path the OS refuses (too long, no permission ...) that no check caught
+            _say(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
+            return 2

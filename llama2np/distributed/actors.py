@@ -33,8 +33,9 @@ from ..model.args import ModelArgs
 from ..model.kv_cache import KVCache
 from ..model.threads import blas_threads, set_num_threads
 from ..model.transformer import RopeTable, Transformer, build_layer, causal_mask, check_quantize, linear_maker
+from .cluster import import_ray, join_cluster
 from .memory_plan import check_node_memory, memory_plan
-from .shard import Shard, read_slice, storage_name
+from .shard import Shard, check_world, meta_shards_are_slices, read_slice, storage_name
 
 #: seconds a reduction (or a cache operation) may take before the actors are declared lost
 DEFAULT_TIMEOUT = 120.0
@@ -45,16 +46,6 @@ START_TIMEOUT = 60.0
 #: inputs up to this size go inside each actor call (a decode step's: faster than an object-store
 #: reference every actor must fetch, see docs/performance.md); bigger ones through the object store, once
 INLINE_BYTES = 64 * 1024
-
-
-def import_ray():
-    """The ``ray`` module, or a Llama2npError saying how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise Llama2npError("tensor parallelism needs Ray, which is not installed: "
-                            "pip install 'llama2np[distributed]'") from None
-    return ray
 
 
 # --- the actor ------------------------------------------------------------------------------
@@ -342,25 +333,17 @@ class DistributedTransformer(Transformer):
 
     def __init__(self, ckpt: Checkpoint, world: int, dtype: str | np.dtype = "float32",
                  quantize: str | None = None, ray_address: str | None = None, timeout: float = DEFAULT_TIMEOUT):
-        ray = import_ray()
-        if not isinstance(world, int) or isinstance(world, bool) or world < 1:
-            raise DistributedError(f"tensor_parallel must be a positive integer, got {world!r}")
+        world = check_world(world)
         args, state, dtype = ckpt.args, ckpt.state, np.dtype(dtype)
         Shard(0, world).check(args)
         check_quantize(quantize)
-        if not ray.is_initialized():
-            kwargs = {"include_dashboard": False} if ray_address is None else {}
-            try:
-                ray.init(address=ray_address, log_to_driver=False, **kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                where = f"the Ray cluster at {ray_address!r}" if ray_address else "a local Ray cluster"
-                raise DistributedError(f"cannot join {where}: {e}") from None
+        join_cluster(ray_address, timeout)
         self.group = group = ActorGroup.acquire(world, timeout)
         on_node = Counter(w["node"] for w in group.where)  # actors per node
         storage, actor_quantize = storage_name(state), quantize
         if storage == "int8":  # a llama2np int8 checkpoint: the actors keep its int8 slices as they are
             storage, actor_quantize = "float32", "int8"
-        own = ckpt.layout == "meta" and len(shard_paths(Path(ckpt.source))) == world
+        own = ckpt.layout == "meta" and meta_shards_are_slices(args, len(shard_paths(Path(ckpt.source))), world)
         specs = [{"args": args.to_params(), "rank": k, "world": world, "dtype": dtype.name,
                   "quantize": actor_quantize, "storage": storage, "source": str(ckpt.source), "own_shard": own,
                   "on_node": on_node[w["node"]], "threads": max(1, w["cpus"] // on_node[w["node"]])}
@@ -393,6 +376,8 @@ def load_distributed(path, world: int, dtype: np.dtype, quantize: str | None, ma
                      progress: bool | None, ray_address: str | None, timeout: float = DEFAULT_TIMEOUT):
     """(Checkpoint, DistributedTransformer): the driver maps the checkpoint but reads only the
     embedding, norms and output; the actors read their slices."""
+    world = check_world(world)
+    join_cluster(ray_address, timeout)  # an unreachable cluster is said now, not after the checkpoint is read
     ckpt = load_checkpoint(path, max_seq_len=max_seq_len, progress=progress)
     if ckpt.layout not in ("meta", "hf", "int8"):
         raise DistributedError(f"{ckpt.source}: tensor parallelism takes Meta, Hugging Face or llama2np int8 "

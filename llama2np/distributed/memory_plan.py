@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ConfigError, DistributedError, InputError
 from ..model.args import PRESETS, ModelArgs
 from ..model.storage import resolve_compute_dtype
-from .shard import Shard
+from .shard import Shard, check_world
 
 GiB = 1024 ** 3
 #: memory a machine keeps for the OS, Ray's own processes and the object store's working set
@@ -85,8 +85,7 @@ def memory_plan(args: ModelArgs, world: int, storage: str = "bfloat16", dtype: s
         raise InputError(f"storage must be one of {sorted(_ITEMSIZE)}, got {storage!r}")
     if quantize not in (None, "int8"):
         raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
-    if world < 1:
-        raise InputError(f"tensor_parallel must be >= 1, got {world}")
+    world = check_world(world, InputError)  # bounded before the loop over ranks below
     Shard(0, world).check(args)
     per_layer = max(sum(matrix_bytes(r, c, storage, compute, quantize) for r, c in
                         Shard(k, world).layer_shapes(args).values()) for k in range(world))  # the biggest slice
@@ -118,24 +117,30 @@ def read_model_config(path: str | Path, max_seq_len: int | None = None) -> tuple
     Meta's params.json states neither: Llama 2 releases are bf16 with 32000 tokens. HF's
     config.json states both (torch_dtype, vocab_size).
     """
-    from ..loaders.common import make_args
+    from ..loaders.common import check_max_seq_len, make_args
     from ..loaders.hf import read_config
+    from ..model.args import require_object
 
+    check_max_seq_len(max_seq_len)
     path = Path(path).expanduser()
     if (path / "params.json").is_file():
-        try:
-            params = json.loads((path / "params.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path / 'params.json'}: not valid JSON: {e}") from None
-        overrides = {"max_seq_len": max_seq_len} if max_seq_len else {}
+        params = require_object(_read_json(path / "params.json"), path / "params.json")
+        overrides = {"max_seq_len": max_seq_len} if max_seq_len is not None else {}
         if params.get("vocab_size", -1) in (-1, None):
             overrides["vocab_size"] = 32000  # Meta ships -1; every Llama 2 release has 32000
         return make_args(params, path / "params.json", **overrides), "bfloat16"
     if (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
+        config = require_object(_read_json(path / "config.json"), path / "config.json")
         storage = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
         return read_config(path, None, max_seq_len), storage if storage in _ITEMSIZE else "bfloat16"
     raise ConfigError(f"{path}: no params.json or config.json to plan from")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
 
 
 def valid_worlds(args: ModelArgs, limit: int = 64) -> list[int]:

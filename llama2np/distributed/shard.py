@@ -22,7 +22,8 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..checks import is_int
+from ..errors import ConfigError, DistributedError
 from ..loaders import load_checkpoint
 from ..loaders.common import LazyStateDict
 from ..loaders.meta import SPLIT_AXIS
@@ -35,6 +36,17 @@ from ..model.storage import BF16, is_bf16
 _RANGE = {"attention.wq.weight": "heads", "attention.wk.weight": "kv_heads", "attention.wv.weight": "kv_heads",
           "attention.wo.weight": "heads", "feed_forward.w1.weight": "hidden", "feed_forward.w3.weight": "hidden",
           "feed_forward.w2.weight": "hidden"}
+
+
+#: most actors a model may be split over: far beyond any cluster's machines, and a bound on every loop over ranks
+MAX_WORLD = 4096
+
+
+def check_world(world, error: type[Exception] = DistributedError) -> int:
+    """tensor_parallel as an int (NumPy integers too, bools never), or ``error`` saying what it must be."""
+    if not is_int(world) or not 1 <= world <= MAX_WORLD:
+        raise error(f"tensor_parallel must be an integer in [1, {MAX_WORLD}], got {world!r}")
+    return int(world)
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,14 @@ def shard_state(state: Mapping[str, np.ndarray], args: ModelArgs, shard: Shard) 
 
     makers = {n: (lambda n=n, k=k: take(n, k)) for n in state if (k := _layer_key(n)) is not None}
     return LazyStateDict(makers, source=getattr(state, "source", "state dict"))
+
+
+def meta_shards_are_slices(args: ModelArgs, n_shards: int, world: int) -> bool:
+    """Whether Meta's ``consolidated.0k.pth`` shards are exactly the slices of ``world`` processes:
+    as many shards, each holding whole key/value heads and an even share of the FFN (fairscale cut
+    every split axis into equal parts; with fewer key/value heads than shards, a head was cut)."""
+    return (n_shards == world and args.n_kv_heads % world == 0 and args.n_heads % world == 0
+            and args.ffn_hidden_dim % world == 0)
 
 
 def read_slice(source: str | Path, args: ModelArgs, shard: Shard, own_shard: bool) -> Mapping[str, np.ndarray]:

@@ -41,7 +41,10 @@ def check_dialog(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
             raise InputError(f'message {n} must be a dict with str "role" and "content", got {m!r}')
         if m["role"] not in ("system", "user", "assistant"):
             raise InputError(f'message {n} has role {m["role"]!r}; roles are "system", "user", "assistant"')
-        check_content(m["content"], f"message {n}")
+        if m["role"] == "assistant":  # what the model wrote may hold a tag; refusing it would lock the chat
+            check_text(m["content"], f"message {n}")
+        else:
+            check_content(m["content"], f"message {n}")
         dialog.append({"role": m["role"], "content": m["content"]})
     roles = [m["role"] for m in dialog]
     turns = roles[1:] if roles[0] == "system" else roles

@@ -40,8 +40,12 @@ def load_checkpoint(path: str | Path, max_seq_len: int | None = None, progress: 
     """Detect the layout at ``path`` and load it (weights stay memory-mapped where possible)."""
     check_max_seq_len(max_seq_len)
     path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file or directory") from None
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte, no permission ...
+        raise CheckpointError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
     if path.is_file() and path.suffix == ".pth" and is_meta_dir(path.parent):
         path = path.parent  # a shard of a Meta directory: load the whole directory
     if path.is_file() and path.suffix in (".safetensors", ".bin", ".json") and is_hf_dir(path.parent):

@@ -52,6 +52,7 @@ from ..model.linear import TILE_ELEMENTS, release_pages
 from ..model.storage import BF16, float32_to_bf16
 from ..model.threads import num_threads, run_parallel
 from .common import LazyStateDict, make_args
+from .gguf_header import check_gguf_header
 
 # GGUF name (after "blk.N.") -> Meta name (after "layers.N.")
 LAYER_NAMES = {
@@ -111,6 +112,7 @@ def find_gguf_file(directory: Path) -> Path | None:
 def open_reader(path: Path):
     """A ``gguf.GGUFReader`` over ``path``; a corrupt or truncated file is a CheckpointError naming it."""
     gguf = import_gguf()
+    check_gguf_header(path)  # every count bounded, every tensor's data inside the file, none overlapping
     try:
         return gguf.GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
@@ -119,15 +121,41 @@ def open_reader(path: Path):
                               "the file is truncated or corrupt") from None
 
 
-def metadata(reader, key: str, default: Any = None) -> Any:
-    """The value of a metadata key (str, int, float, bool or list), ``default`` when absent."""
+#: what a metadata value must be -> (test, description)
+_KINDS = {"int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+          "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+          "str": (lambda v: isinstance(v, str), "a string"),
+          "bool": (lambda v: isinstance(v, bool), "true or false"),
+          "strs": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "an array of strings"),
+          "numbers": (lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                            for x in v), "an array of numbers"),
+          "ints": (lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+                   "an array of integers")}
+
+
+def metadata(reader, key: str, default: Any = None, kind: str | None = None) -> Any:
+    """The value of a metadata key (str, int, float, bool or list), ``default`` when absent.
+
+    ``kind`` (see ``_KINDS``): the value must be of it, else a CheckpointError naming the file and the
+    key; a string that is not UTF-8 is one too.
+    """
+    path = getattr(reader.data, "filename", None) or "the GGUF file"
     field = reader.get_field(key)
     if field is None:
         return default
-    value = field.contents()
+    try:
+        value = field.contents()
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: metadata {key} holds text that is not UTF-8 ({e.reason} at byte "
+                              f"{e.start})") from None
+    except (ValueError, IndexError, TypeError) as e:
+        raise CheckpointError(f"{path}: metadata {key} cannot be read ({e})") from None
     if isinstance(value, float):
         # float32 in the file: the shortest decimal that is the same float32
         value = float(str(np.float32(value)))
+    if kind is not None and not _KINDS[kind][0](value):
+        shown = repr(value) if not isinstance(value, list) else f"an array starting {value[:3]!r}"
+        raise CheckpointError(f"{path}: metadata {key} must be {_KINDS[kind][1]}, got {shown[:80]}")
     return value
 
 
@@ -215,7 +243,11 @@ def load_gguf(path: Path, max_seq_len: int | None = None):
     if "output.weight" not in makers:  # llama.cpp ties the output to the embedding when it is absent
         makers["output.weight"] = makers["tok_embeddings.weight"]
         specs["output.weight"] = specs["tok_embeddings.weight"]
-    vocab_rows = specs["tok_embeddings.weight"]()[0][0]
+    embedding_shape = specs["tok_embeddings.weight"]()[0]
+    if len(embedding_shape) != 2:
+        raise CheckpointError(f"{path}: token_embd.weight has shape {embedding_shape}; an embedding is "
+                              "(vocabulary, dim)")
+    vocab_rows = embedding_shape[0]
     args = read_args(reader, path, vocab_rows, max_seq_len)
     return args, LazyStateDict(makers, source=path, specs=specs), reader
 
@@ -224,6 +256,9 @@ def load_gguf(path: Path, max_seq_len: int | None = None):
 
 #: how Meta's Llama 2 tokenizer.model was trained: the flags of its trainer_spec that sentencepiece
 #: also reads when encoding (GGUF does not store them; Llama 2's vocabulary always had these)
+#: GGUF's token types, numbered as sentencepiece's piece types (normal .. byte); 0 (undefined) is read as normal
+_TOKEN_TYPES = range(0, 7)
+
 _LLAMA_TRAINER_FLAGS = dict(split_by_unicode_script=True, split_by_whitespace=True, split_by_number=True,
                             split_digits=True, treat_whitespace_as_suffix=False, allow_whitespace_only_pieces=True,
                             max_sentencepiece_length=16, unk_surface=" \u2047 ")
@@ -241,18 +276,31 @@ def sentencepiece_model(reader, path: Path) -> bytes | None:
     """
     from ..errors import TokenizerError
 
+    path = getattr(reader.data, "filename", None) or path
     kind = metadata(reader, "tokenizer.ggml.model")
     if kind is None and reader.get_field("tokenizer.ggml.tokens") is None:
         return None
     if kind != "llama":
         raise TokenizerError(f"{path}: tokenizer.ggml.model is {kind!r}; only the 'llama' (sentencepiece BPE) "
                              "vocabulary can be rebuilt. Pass tokenizer_path= a tokenizer.model")
-    tokens = metadata(reader, "tokenizer.ggml.tokens") or []
-    scores = metadata(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
-    types = metadata(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokens = metadata(reader, "tokenizer.ggml.tokens", [], "strs")
+    scores = metadata(reader, "tokenizer.ggml.scores", [0.0] * len(tokens), "numbers")
+    types = metadata(reader, "tokenizer.ggml.token_type", [1] * len(tokens), "ints")
     if not tokens or len(scores) != len(tokens) or len(types) != len(tokens):
         raise TokenizerError(f"{path}: tokenizer.ggml.tokens/scores/token_type are missing or of different lengths "
                              f"({len(tokens)}, {len(scores)}, {len(types)})")
+    bad = next((i for i, t in enumerate(types) if t not in _TOKEN_TYPES), None)
+    if bad is not None:
+        raise TokenizerError(f"{path}: tokenizer.ggml.token_type of token {bad} is {types[bad]}; token types are "
+                             f"{min(_TOKEN_TYPES)}..{max(_TOKEN_TYPES)} (undefined, normal, unknown, control, "
+                             "user-defined, unused, byte)")
+    special = {}
+    for key, default in (("unknown", 0), ("bos", 1), ("eos", 2), ("padding", -1)):
+        i = metadata(reader, f"tokenizer.ggml.{key}_token_id", default, "int")
+        if not (-1 <= i < len(tokens)) or (i == -1 and key != "padding"):
+            raise TokenizerError(f"{path}: tokenizer.ggml.{key}_token_id={i} is not a token of the "
+                                 f"{len(tokens)}-token vocabulary")
+        special[key] = i
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb
     except ImportError as e:
@@ -265,10 +313,8 @@ def sentencepiece_model(reader, path: Path) -> bytes | None:
     spec.model_type = pb.TrainerSpec.BPE
     spec.vocab_size = len(tokens)
     spec.byte_fallback = 6 in types  # byte pieces <0x00>..<0xFF>
-    spec.unk_id = metadata(reader, "tokenizer.ggml.unknown_token_id", 0)
-    spec.bos_id = metadata(reader, "tokenizer.ggml.bos_token_id", 1)
-    spec.eos_id = metadata(reader, "tokenizer.ggml.eos_token_id", 2)
-    pad = metadata(reader, "tokenizer.ggml.padding_token_id", -1)
+    spec.unk_id, spec.bos_id, spec.eos_id = special["unknown"], special["bos"], special["eos"]
+    pad = special["padding"]
     spec.pad_id = pad if pad not in (spec.unk_id, spec.bos_id, spec.eos_id) else -1  # Meta's has none
     for key, value in _LLAMA_TRAINER_FLAGS.items():
         setattr(spec, key, value)
@@ -277,6 +323,6 @@ def sentencepiece_model(reader, path: Path) -> bytes | None:
         if 0 <= i < len(tokens):
             setattr(spec, f"{key}_piece", tokens[i])
     norm = model.normalizer_spec
-    norm.name, norm.add_dummy_prefix = "identity", bool(metadata(reader, "tokenizer.ggml.add_space_prefix", True))
+    norm.name, norm.add_dummy_prefix = "identity", metadata(reader, "tokenizer.ggml.add_space_prefix", True, "bool")
     norm.remove_extra_whitespaces, norm.escape_whitespaces = False, True
     return model.SerializeToString()

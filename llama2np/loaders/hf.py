@@ -94,7 +94,7 @@ def weight_files(directory: Path, check: bool = True) -> list[Path]:
                 names = sorted(set(weight_map.values()))
                 if not all(isinstance(n, str) for n in names):
                     raise TypeError(f"weight_map values must be file names, got {names!r}")
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: not a valid weight index ({type(e).__name__}: {e})") from None
             files = [directory / n for n in names]
         elif (directory / single_name).is_file():
@@ -129,7 +129,7 @@ def read_config(directory: Path, vocab_rows: int | None, max_seq_len: int | None
     path = directory / "config.json"
     try:
         c = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
     check_fields(require_object(c, str(path)), _CONFIG_KINDS, str(path), optional=_OPTIONAL)
     if c.get("model_type", "llama") != "llama":

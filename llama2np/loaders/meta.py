@@ -61,7 +61,7 @@ def read_params(directory: Path) -> dict:
         params = require_object(json.loads(path.read_text()), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: missing (Meta checkpoints ship params.json beside the shards)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
     missing = [k for k in _REQUIRED if k not in params]
     if missing:  # the defaults are 7B's: silently taking them would blame the shards for a bad params.json

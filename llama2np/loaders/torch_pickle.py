@@ -137,7 +137,7 @@ def load_pth(path: str | Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as e:
         raise CheckpointError(f"{path}: not a readable torch zip checkpoint ({e}); legacy (pre-1.6, non-zip) "
                               "torch files and truncated files cannot be loaded") from None
     with zf:
@@ -146,15 +146,16 @@ def load_pth(path: str | Path) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pkl)}")
         prefix = pkl[0][: -len("data.pkl")]
         byteorder = prefix + "byteorder"
-        if byteorder in zf.namelist() and zf.read(byteorder).strip() != b"little":
-            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
         try:
+            if byteorder in zf.namelist() and zf.read(byteorder).strip() != b"little":
+                raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
             with zf.open(pkl[0]) as f:
                 state = _Unpickler(f, path, zf, prefix).load()
         except CheckpointError:
             raise
-        except Exception as e:  # malformed pickle bytes, zip CRC errors, ...
-            raise CheckpointError(f"{path}: cannot unpickle {pkl[0]}: {type(e).__name__}: {e}") from None
+        except Exception as e:  # malformed pickle bytes, zip headers or CRCs, ...
+            raise CheckpointError(f"{path}: cannot unpickle {pkl[0]}: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
     if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state dict) in the checkpoint")
     return dict(state)

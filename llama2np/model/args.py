@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Mapping
 
+from ..checks import is_int, is_number
 from ..errors import ConfigError
 
 #: No Llama has a context anywhere near this; a bigger max_seq_len is a typo, not a model.
@@ -39,11 +40,11 @@ def field_problem(name: str, value, kind: str, optional: bool = False) -> str | 
     """What is wrong with ``value`` as field ``name`` of the given kind (see ``_KINDS``), or None."""
     if value is None and optional:
         return None
-    is_int = isinstance(value, int) and not isinstance(value, bool)
+    whole = is_int(value)  # NumPy integers too, bools never
     ok = {
-        "positive int": is_int and value > 0,
-        "int": is_int,
-        "positive number": (is_int or isinstance(value, float)) and math.isfinite(value) and value > 0,
+        "positive int": whole and value > 0,
+        "int": whole,
+        "positive number": is_number(value) and math.isfinite(value) and value > 0,
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
         "object": isinstance(value, dict),
@@ -94,6 +95,12 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        for name in ARG_KINDS:  # NumPy scalars become Python numbers (params.json is written from these)
+            value = getattr(self, name)
+            if is_int(value):
+                setattr(self, name, int(value))
+            elif is_number(value):
+                setattr(self, name, float(value))
         problems = [p for name, kind in ARG_KINDS.items()
                     if (p := field_problem(name, getattr(self, name), kind, name in ARG_OPTIONAL))]
         if not problems:

@@ -96,10 +96,9 @@ class Linear:
         # fp16 too: a float32 copy of the 7B fp16 checkpoint the HF hub ships would be 27 GB
         fp16 = all(w.dtype == np.float16 for w in parts)
         self.tiled = (bf16 or fp16) and self.dtype in TILED_DTYPES
+        check_finite_fp16(parts, TILE_ELEMENTS)  # every float16 part, tiled or widened (inf would spread as NaN)
         if self.tiled:
             self.parts = parts
-            if fp16:
-                check_finite_fp16(parts, TILE_ELEMENTS)
             # adjacent 16-bit pairs as one uint32
             # (needs an even in_features and contiguous rows; else whole rows are widened with a cast)
             self._paired = self.in_features % 2 == 0 and all(w.strides[-1] == w.itemsize for w in parts)

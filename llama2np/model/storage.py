@@ -102,12 +102,20 @@ def fp16_pair_odd(p: np.ndarray, out: np.ndarray) -> None:
 
 
 def check_finite_fp16(parts: Sequence[np.ndarray], step: int = 1 << 18) -> None:
-    """CheckpointError when a float16 weight holds inf or NaN (exponent bits all set); ``step`` values at a time."""
+    """CheckpointError when a float16 weight holds inf or NaN (exponent bits all set); ``step`` values at a time.
+
+    Parts of other dtypes are skipped; the error's ``part`` is the index of the bad one, so that a caller
+    knowing the tensors' names can name it.
+    """
     from ..errors import CheckpointError
 
-    for w in parts:
+    for k, w in enumerate(parts):
+        if not isinstance(w, np.ndarray) or w.dtype != np.float16:
+            continue
         bits = w.view(np.uint16).reshape(-1)
         for i in range(0, bits.size, step):
             if (bits[i : i + step] & 0x7FFF).max(initial=0) >= 0x7C00:
-                raise CheckpointError(f"a float16 weight matrix of shape {w.shape} holds inf or NaN values: "
-                                      "the checkpoint is damaged")
+                error = CheckpointError(f"the float16 tensor of shape {w.shape} holds inf or NaN values: "
+                                        "the checkpoint is damaged")
+                error.part = k
+                raise error

@@ -14,16 +14,17 @@ order: each head's dimensions are (real, imaginary) pairs side by side.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from .args import ModelArgs
 from .kv_cache import KVCache
 from .linear import Int8Linear, Linear, QuantizedTensor
-from .storage import to_float
+from .storage import check_finite_fp16, to_float
 from .threads import blas_threads
 
 # --- the blocks -------------------------------------------------------------------------
@@ -175,13 +176,28 @@ def linear_maker(params: Mapping[str, np.ndarray], dtype: np.dtype, quantize: st
         weights = [params[n] for n in names]
         # a quantized checkpoint's matrices are int8 already, whatever was asked for
         quantized = quantize == "int8" or any(isinstance(w, QuantizedTensor) for w in weights)
-        layer = (Int8Linear if quantized else Linear)(weights, dtype)
+        with naming_damage(params, names):
+            if quantized:  # Linear checks its own float16 parts; quantizing inf would hide it in the scales
+                check_finite_fp16(weights)
+            layer = (Int8Linear if quantized else Linear)(weights, dtype)
         if quantize and hasattr(params, "release"):  # the float originals are no longer needed
             for n in names:
                 params.release(n)
         return layer
 
     return lin
+
+
+@contextlib.contextmanager
+def naming_damage(params: Mapping[str, np.ndarray], names: Sequence[str]):
+    """A damaged-weight CheckpointError raised inside, re-raised naming the checkpoint and the tensor."""
+    try:
+        yield
+    except CheckpointError as e:
+        k = getattr(e, "part", None)
+        source = getattr(params, "source", None)
+        name = names[k] if k is not None and k < len(names) else ", ".join(names)
+        raise CheckpointError(f"{f'{source}: ' if source else ''}tensor {name}: {e}") from None
 
 
 def build_layer(args: ModelArgs, params: Mapping[str, np.ndarray], i: int, lin) -> tuple[Attention, FeedForward]:
@@ -234,6 +250,8 @@ class Transformer:
             return to_float(params[name], self.dtype)
 
         self.tok_embeddings = params["tok_embeddings.weight"]  # (vocab, dim), any storage dtype
+        with naming_damage(params, ["tok_embeddings.weight"]):
+            check_finite_fp16([self.tok_embeddings])
         self.layers = []
         for i in range(args.n_layers):
             p = f"layers.{i}."

@@ -88,18 +88,16 @@ def position_stats(ref: np.ndarray, other: np.ndarray, next_ids: np.ndarray) -> 
 def read_logits_npz(path: str | Path, vocab_size: int, max_seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids (n,), logits (n, vocab)) from another engine's .npz, checked; an InputError names what is wrong."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("ids", "logits") if k not in z.files]
-            if missing:
-                raise InputError(f"{path}: missing array(s) {', '.join(missing)} (expected ids (n,) and "
-                                 f"logits (n, vocab); found {', '.join(z.files) or 'none'})")
-            if "offsets" in z.files and len(z["offsets"]) > 2:
-                raise InputError(f"{path}: holds {len(z['offsets']) - 1} prompts (a logits --prompts file); "
-                                 "compare takes one sequence per file")
-            ids, logits = z["ids"], z["logits"]
-    except (OSError, ValueError) as e:  # not a zip / npy, or an object array
-        raise InputError(f"{path}: not a readable .npz of ids and logits ({e})") from None
+    arrays = read_npz(path, ("ids", "logits", "offsets"))
+    missing = [k for k in ("ids", "logits") if k not in arrays]
+    if missing:
+        raise InputError(f"{path}: missing array(s) {', '.join(missing)} (expected ids (n,) and "
+                         f"logits (n, vocab); found {', '.join(arrays) or 'none'})")
+    offsets = arrays.get("offsets")
+    if offsets is not None and offsets.size > 2:
+        raise InputError(f"{path}: holds {offsets.size - 1} prompts (a logits --prompts file); "
+                         "compare takes one sequence per file")
+    ids, logits = arrays["ids"], arrays["logits"]
     if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"{path}: ids must be a non-empty 1-D integer array, got {ids.dtype} {ids.shape}")
     if logits.ndim != 2 or logits.shape[0] != ids.size:
@@ -117,6 +115,44 @@ def read_logits_npz(path: str | Path, vocab_size: int, max_seq_len: int | None =
     if out.size:
         raise InputError(f"{path}: token id {int(out[0])} is outside the vocabulary [0, {vocab_size})")
     return ids.astype(np.int64), logits
+
+
+def read_npz(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``names`` (those present) of an ``.npz``; InputError naming the file for anything unreadable.
+
+    Each member's header is read first and its shape checked against the member's size, so a
+    header claiming more data than the file holds is refused before anything is allocated.
+    """
+    try:
+        z = np.load(path, allow_pickle=False)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except Exception as e:  # numpy's parsing of outside bytes: zip errors, EOFError, bad headers ...
+        raise InputError(f"{path}: not a readable .npz of ids and logits ({type(e).__name__}: {e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise InputError(f"{path}: holds a single .npy array, not an .npz archive of ids and logits")
+    out = {}
+    with z:
+        for name in names:
+            if name not in z.files:
+                continue
+            try:
+                info = z.zip.getinfo(f"{name}.npy")
+                with z.zip.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f)
+                need = math.prod(shape) * dtype.itemsize
+                if need > info.file_size:
+                    raise InputError(f"{path}: array {name} claims shape {shape} ({need} bytes) but its member "
+                                     f"holds {info.file_size} bytes: the file is corrupt")
+                out[name] = z[name]
+            except InputError:
+                raise
+            except Exception as e:  # truncated member, CRC or zlib error, a bad header
+                raise InputError(f"{path}: array {name} is unreadable ({type(e).__name__}: {e})") from None
+    return out
 
 
 def compare(reference: Transformer, ids: Sequence[int] | np.ndarray, others: dict[str, "Transformer | np.ndarray"],
@@ -190,6 +226,17 @@ def format_positions(c: Comparison, decode=None) -> Iterator[str]:
 
 
 def summaries(results: dict[str, Comparison]) -> dict:
-    """Everything as plain JSON-ready data."""
-    return {label: c.to_dict() for label, c in results.items()}
+    """Everything as plain JSON-ready data: a figure that is not finite (a perplexity over no
+    predicted token) is null, as JSON has no NaN."""
+    return _json_ready({label: c.to_dict() for label, c in results.items()})
+
+
+def _json_ready(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_ready(v) for v in value]
+    return value
 

@@ -48,6 +48,8 @@ def read_prompts(path: str | Path, encode: Callable[[str], list[int]],
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{where}: not JSON ({e.msg})") from None
+        except RecursionError:
+            raise InputError(f"{where}: nested too deeply to be a prompt") from None
         if isinstance(item, dict):
             if set(item) not in ({"text"}, {"ids"}):
                 raise InputError(f'{where}: expected {{"text": ...}} or {{"ids": [...]}}, got keys {sorted(item)}')
@@ -57,6 +59,8 @@ def read_prompts(path: str | Path, encode: Callable[[str], list[int]],
                 ids = encode(item)
             except TokenizerError as e:
                 raise InputError(f"{where}: a text prompt needs a tokenizer ({e})") from None
+            except InputError as e:  # e.g. a lone surrogate written as a JSON escape
+                raise InputError(f"{where}: {e}") from None
         elif isinstance(item, list) and item and all(isinstance(i, int) and not isinstance(i, bool) for i in item):
             ids = item
         else:
