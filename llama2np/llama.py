@@ -281,7 +281,7 @@ class Llama2:
         _trace_compare.check_threshold(threshold)
         if reference is not None:
             return _trace_compare.compare_traces(reference, other, threshold)
-        trace, label = _trace_compare.as_trace(other)
+        trace, label = _trace_compare.as_trace(other, default="other")
         if "ids" not in trace:
             raise InputError(f"{label}: missing array ids (the tokens the trace is of)")
         try:

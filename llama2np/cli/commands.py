@@ -236,7 +236,7 @@ def cmd_compare(args) -> int:
     if args.trace is not None:
         from .trace import cmd_compare_trace
 
-        return cmd_compare_trace(args)
+        return cmd_compare_trace(args, load_model)
     if args.other is None and args.other_quantize is None and not args.logits:
         raise InputError("nothing to compare with: give --logits FILE.npz (another engine's logits), "
                          "--other PATH (a second checkpoint) and/or --other-quantize int8")
@@ -341,7 +341,7 @@ def cmd_quantize(args) -> int:
 def cmd_trace(args) -> int:
     from .trace import cmd_trace as run
 
-    return run(args)
+    return run(args, load_model, _parse_ids, _say)
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "logits": cmd_logits,

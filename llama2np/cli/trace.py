@@ -1,4 +1,7 @@
-"""``trace`` (reference activations layer by layer) and ``compare --trace`` (where another engine departs)."""
+"""``trace`` (reference activations layer by layer) and ``compare --trace`` (where another engine departs).
+
+``commands`` dispatches here and passes in what every command shares (``load_model``, ``parse_ids``, ``say``).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +12,14 @@ from ..errors import InputError
 from .io import check_output_path, check_utf8, write_atomically
 
 
-def cmd_trace(args) -> int:
+def cmd_trace(args, load_model, parse_ids, say) -> int:
     from ..tools.trace import write_trace
-    from .commands import _parse_ids, _say, load_model
 
     out = Path(args.out)
     check_output_path(out, "--out", (".npz",))
     if args.prompt is not None:
         check_utf8(args.prompt, "--prompt")
-    ids = _parse_ids(args.ids) if args.ids is not None else None
+    ids = parse_ids(args.ids) if args.ids is not None else None
     model = load_model(args, text=ids is None, ids_flag="--ids")
     if ids is None:
         ids = model.tokenizer.encode(args.prompt, bos=True)
@@ -28,14 +30,13 @@ def cmd_trace(args) -> int:
     write_atomically(out, "--out", lambda f: names.extend(write_trace(model.model, ids, f, args.steps,
                                                                       progress=model.model.progress)))
     steps = sum(1 for n in names if n.startswith("layers."))
-    _say(f"wrote {out}: {len(ids)} tokens, hidden_states ({model.args.n_layers + 1}, {len(ids)}, {model.args.dim}) "
+    say(f"wrote {out}: {len(ids)} tokens, hidden_states ({model.args.n_layers + 1}, {len(ids)}, {model.args.dim}) "
          f"{model.model.dtype}, final_layer_output, logits" + (f" and {steps} per-layer steps" if steps else ""))
     return 0
 
 
-def cmd_compare_trace(args) -> int:
+def cmd_compare_trace(args, load_model) -> int:
     from ..tools.trace_compare import compare_traces
-    from .commands import load_model
 
     if args.logits or args.other is not None or args.other_quantize is not None:
         raise InputError("--trace compares activations; --logits, --other and --other-quantize compare logits: "

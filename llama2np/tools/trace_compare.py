@@ -81,11 +81,6 @@ def _shape_of_trace(trace: Mapping, label: str) -> tuple[np.ndarray, np.ndarray]
     if hidden.ndim != 3 or hidden.shape[0] < 2 or hidden.shape[1] != ids.size:
         raise InputError(f"{label}: hidden_states must be (n_layers + 1, n, dim) with n = len(ids) = {ids.size}, "
                          f"got {hidden.shape}")
-    n_layers = hidden.shape[0] - 1
-    for name in trace:
-        m = LAYER_ARRAY.fullmatch(name)
-        if m and int(m.group(1)) >= n_layers:
-            raise InputError(f"{label}: array {name} is beyond the {n_layers} layers hidden_states has")
     return ids, hidden
 
 
@@ -218,6 +213,11 @@ def compare_traces(reference, other, threshold: float = THRESHOLD, reference_lab
         raise InputError(f"{oth_label}: array hidden_states has shape {hidden_o.shape}, the reference's "
                          f"{hidden_r.shape}")
     n_layers, n, dim = hidden_r.shape[0] - 1, hidden_r.shape[1], hidden_r.shape[2]
+    for trace, label in ((ref, ref_label), (oth, oth_label)):
+        for name in trace:
+            m = LAYER_ARRAY.fullmatch(name)
+            if m and int(m.group(1)) >= n_layers:
+                raise InputError(f"{label}: array {name} is beyond the {n_layers} layers hidden_states has")
     if not np.array_equal(ref_ids, oth_ids):
         t = int(np.flatnonzero(ref_ids != oth_ids)[0])
         raise InputError(f"{oth_label}: array ids differs from the reference's at position {t} "
