@@ -375,3 +375,83 @@ def test_trace_runs_as_a_module_from_the_shell(tmp_path):
     assert r.returncode == 0, r.stderr
     with np.load(out) as z:
         assert z["ids"][0] == 1 and z["hidden_states"].shape[0] == 5
+
+
+# --- tensor parallelism ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_running():
+    """Ray for the tensor-parallel tests: the session's cluster when test_distributed started one, else a
+    local one of two nodes for this module (shut down after it)."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield
+        return
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    cluster.wait_for_nodes()
+    yield
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_tensor_parallel_driver_assembles_the_hidden_trace_and_refuses_steps(ray_running, tmp_path):
+    path = GOLDEN / "layouts" / "meta_2shard_fp32"
+    tp = Llama2.from_pretrained(path, dtype="float64", tensor_parallel=2)
+    try:
+        got, want = tp.trace(IDS), _load(path).trace(IDS)
+        assert set(got) == set(want)
+        for name in want:
+            assert float(np.abs(got[name] - want[name]).max()) <= 1e-12, name
+        assert tp.compare_trace(tp.trace(IDS, out=tmp_path / "t.npz")).first_layer_over is None
+        with pytest.raises(InputError, match=r'steps="all" needs q, k and v, which tensor-parallel actors'):
+            tp.trace(IDS, out=tmp_path / "u.npz", steps="all")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]  # nothing half-written left
+    finally:
+        tp.model.close()
+
+
+# --- docs/trace.md's worked example runs as written ------------------------------------------
+
+
+def test_docs_worked_example_finds_the_rope_bug_at_layer_0_q(monkeypatch, capsys):
+    doc = (REPO / "docs" / "trace.md").read_text(encoding="utf-8")
+    section = doc[doc.index("## Worked example"):]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2 and "weights/demo" in blocks[0]
+    monkeypatch.chdir(REPO)
+    namespace: dict = {}
+    for block in blocks:  # one session, as a reader would type them
+        exec(compile(block, "docs/trace.md", "exec"), namespace)
+    good, bad = namespace["good"], namespace["bad"]
+    assert good.first_layer_over is None
+    assert bad.first_layer_over == "layers.0" and bad.first_step_over.name == "layers.0.q"
+    rows = {r.name: r for r in bad.rows}
+    assert rows["layers.0.attention_norm"].nmse < 1e-20 and rows["layers.0.v"].nmse < 1e-20
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [good.verdict(), bad.verdict()]
+    assert bad.verdict().split(" (NMSE")[0] in section  # the doc shows the verdict it gets
+    for line in bad.format().splitlines()[5:8]:  # and the first rows of the table
+        assert line in section, line
+    # the "correct" engine really is Meta's forward pass: its logits are llama2np's
+    np.testing.assert_allclose(namespace["engine"](namespace["ids"])["logits"],
+                               namespace["reference"].logits(namespace["ids"]), rtol=0, atol=1e-12)
+
+
+def test_docs_reorder_formulas_invert_each_other_and_match_the_hf_golden():
+    """docs/trace.md's rotate-half <-> interleaved formulas, applied to gqa2's HF-derived q (stored in
+    Meta's layout by the golden script), round-trip, and rotating the HF layout by halves gives it."""
+    with np.load(GOLDEN / TRACES["gqa2"]["trace"]) as z:
+        meta_q = z["layers.1.q"]
+    n, heads, head_dim = meta_q.shape
+    hf = meta_q.reshape(n, heads, head_dim // 2, 2).swapaxes(2, 3).reshape(n, heads, head_dim)
+    back = hf.reshape(n, heads, 2, head_dim // 2).swapaxes(2, 3).reshape(n, heads, head_dim)
+    np.testing.assert_array_equal(back, meta_q)
+    np.testing.assert_array_equal(hf[..., :head_dim // 2], meta_q[..., 0::2])  # real parts first
+    doc = (REPO / "docs" / "trace.md").read_text(encoding="utf-8")
+    assert "hf.reshape(n, heads, 2, head_dim // 2).swapaxes(2, 3).reshape(n, heads, head_dim)" in doc
+    assert "meta.reshape(n, heads, head_dim // 2, 2).swapaxes(2, 3).reshape(n, heads, head_dim)" in doc
