@@ -455,3 +455,16 @@ def test_docs_reorder_formulas_invert_each_other_and_match_the_hf_golden():
     doc = (REPO / "docs" / "trace.md").read_text(encoding="utf-8")
     assert "hf.reshape(n, heads, 2, head_dim // 2).swapaxes(2, 3).reshape(n, heads, head_dim)" in doc
     assert "meta.reshape(n, heads, head_dim // 2, 2).swapaxes(2, 3).reshape(n, heads, head_dim)" in doc
+
+
+def test_an_array_whose_header_promises_more_than_the_file_holds_is_refused_before_allocating(tmp_path, demo_trace):
+    path = tmp_path / "huge.npz"
+    header = {"descr": "<f8", "fortran_order": False, "shape": (5, 10**9, 10**6)}
+    with zipfile.ZipFile(path, "w") as zf:
+        with zf.open("ids.npy", "w") as f:
+            np.lib.format.write_array(f, demo_trace["ids"])
+        with zf.open("hidden_states.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            f.write(b"\0" * 64)
+    with pytest.raises(InputError, match=r"array hidden_states is truncated: its header says \(5, 1000000000"):
+        compare_traces(demo_trace, path)

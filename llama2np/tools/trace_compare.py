@@ -41,9 +41,32 @@ class TraceFile(Mapping):
         if name not in self.names:
             raise KeyError(name)
         try:
+            self._check_size(name)
             return self.npz[name]
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise InputError(f"{self.path}: array {name} cannot be read ({e})") from None
+
+    def _check_size(self, name: str) -> None:
+        """InputError when the array's header promises more bytes than its zip member holds (read before
+        NumPy allocates what the header asks for)."""
+        zf = self.npz.zip
+        member = name + ".npy" if name + ".npy" in zf.namelist() else name
+        info = zf.getinfo(member)
+        with zf.open(info) as f:
+            if f.read(6) != b"\x93NUMPY":
+                return  # not an .npy: NumPy hands back its bytes, which the checks that follow refuse
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in readers:
+                raise InputError(f"{self.path}: array {name} is in .npy format {version[0]}.{version[1]}; "
+                                 "write it with numpy.save (format 1.0 or 2.0)")
+            shape, _, dtype = readers[version](f)
+            held = info.file_size - f.tell()
+        need = math.prod(shape) * dtype.itemsize
+        if need > held:
+            raise InputError(f"{self.path}: array {name} is truncated: its header says {shape} {dtype} "
+                             f"({need} bytes) but the file holds {held}")
 
     def __iter__(self):
         return iter(self.names)
