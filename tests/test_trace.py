@@ -325,6 +325,8 @@ def test_cli_errors_are_one_line_and_status_2(tmp_path, capsys, demo_trace):
              ["compare", "--reference", str(ref), "--trace", str(tmp_path / "missing.npz")],
              ["compare", "--reference", str(ref), "--trace", str(ref), "--threshold", "-1"],
              ["compare", "--reference", str(ref), "--trace", str(ref), "--logits", str(ref)],
+             ["compare", "--reference", str(ref), "--trace", str(ref), "--model", str(DEMO)],
+             ["compare", "--model", str(DEMO), "--trace", str(ref), "--ids", "1 2"],
              ["trace", "--model", str(DEMO), "--ids", "1 5000", "--out", str(tmp_path / "t.npz")],
              ["trace", "--model", str(DEMO), "--ids", "1 2", "--out", str(tmp_path / "t.npy")]]
     for argv in cases:

@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compare its logits, position by position, with another engine's (--logits "
                                    "FILE.npz holding ids (n,) and logits (n, vocab)) and/or a second llama2np model "
                                    "(--other PATH, --other-quantize int8): max |dlogit|, KL(ref||other) mean and "
-                                   "percentiles, top-1 agreement, perplexity of each.")
+                                   "percentiles, top-1 agreement, perplexity of each. With --trace: another "
+                                   "engine's activations, layer by layer, and the first layer that departs.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT", help="text, tokenized with BOS")
     src.add_argument("--text", metavar="FILE", help="a UTF-8 text file, tokenized with BOS, read in windows")

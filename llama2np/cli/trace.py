@@ -41,7 +41,11 @@ def cmd_compare_trace(args, load_model) -> int:
     if args.logits or args.other is not None or args.other_quantize is not None:
         raise InputError("--trace compares activations; --logits, --other and --other-quantize compare logits: "
                          "run them as two commands")
+    if args.ids is not None or args.prompt is not None or args.text is not None:
+        raise InputError("--trace compares the tokens the trace holds (its ids): drop --ids, --prompt and --text")
     if args.reference is not None:
+        if args.model is not None:
+            raise InputError("--reference and --model: give the reference trace, or the model to compute it from")
         result = compare_traces(args.reference, args.trace, args.threshold)
     else:
         model = load_model(args, text=False)
