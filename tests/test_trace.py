@@ -300,6 +300,8 @@ def demo_trace():
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.update({"layers.1.q": t["layers.1.q"][:, :4]}), r"array layers\.1\.q has shape \(10, 4, 16\)"),
     (lambda t: t.update({"logits": t["logits"][:, :10]}), r"array logits has shape"),
+    (lambda t: t.update({"layers.0.k": t["layers.0.k"].reshape(10, 2, 32)}),
+     r"array layers\.0\.k has shape \(10, 2, 32\), the reference's \(10, 4, 16\)"),
     (lambda t: t.update({"layers.0.qq": t["layers.0.q"]}), r"unknown array 'layers\.0\.qq'"),
     (lambda t: t.update({"layers.9.q": t["layers.0.q"]}), r"array layers\.9\.q is beyond the 4 layers"),
     (lambda t: t.update({"hidden_states": t["hidden_states"][:3]}), r"array hidden_states has shape \(3, 10, 128\)"),
@@ -366,7 +368,7 @@ def test_a_truncated_trace_file_is_an_input_error(tmp_path, demo_trace):
     with zipfile.ZipFile(tmp_path / "odd.npz", "w") as zf:
         zf.writestr("ids.npy", b"not an npy")
         zf.writestr("hidden_states.npy", b"")
-    with pytest.raises(InputError, match=r"odd\.npz: ids must be a non-empty 1-D integer array"):
+    with pytest.raises(InputError, match=r"odd\.npz: array ids must be a non-empty 1-D integer array"):
         compare_traces(demo_trace, tmp_path / "odd.npz")
 
 
@@ -470,3 +472,11 @@ def test_an_array_whose_header_promises_more_than_the_file_holds_is_refused_befo
             f.write(b"\0" * 64)
     with pytest.raises(InputError, match=r"array hidden_states is truncated: its header says \(5, 1000000000"):
         compare_traces(demo_trace, path)
+
+
+def test_bench_trace_runs_on_the_demo_model():
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "bench_trace.py"), "--model", str(DEMO),
+                           "--tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    modes = [line.split()[0] for line in proc.stdout.splitlines()[1:]]
+    assert modes == ["logits", "file", "memory"] and "peak RSS" in proc.stdout and "MiB" in proc.stdout

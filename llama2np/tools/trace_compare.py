@@ -98,11 +98,11 @@ def _shape_of_trace(trace: Mapping, label: str) -> tuple[np.ndarray, np.ndarray]
         raise InputError(f"{label}: missing array(s) {', '.join(missing)}")
     ids, hidden = np.asarray(trace["ids"]), trace["hidden_states"]
     if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"{label}: ids must be a non-empty 1-D integer array, got {ids.dtype} {ids.shape}")
+        raise InputError(f"{label}: array ids must be a non-empty 1-D integer array, got {ids.dtype} {ids.shape}")
     if not np.issubdtype(hidden.dtype, np.floating):
         raise InputError(f"{label}: array hidden_states must be floating point, got {hidden.dtype}")
     if hidden.ndim != 3 or hidden.shape[0] < 2 or hidden.shape[1] != ids.size:
-        raise InputError(f"{label}: hidden_states must be (n_layers + 1, n, dim) with n = len(ids) = {ids.size}, "
+        raise InputError(f"{label}: array hidden_states must be (n_layers + 1, n, dim) with n = len(ids) = {ids.size}, "
                          f"got {hidden.shape}")
     return ids, hidden
 
@@ -113,9 +113,16 @@ def _checked(trace: Mapping, name: str, label: str, n: int, dim: int) -> np.ndar
     if not np.issubdtype(a.dtype, np.floating):
         raise InputError(f"{label}: array {name} must be floating point, got {a.dtype}")
     step = name.rpartition(".")[2]
-    want = {"final_layer_output": 2, "logits": 2, "q": 3, "k": 3, "v": 3}.get(step, 2)
-    if a.ndim != want or a.shape[0] != n or (want == 2 and step != "logits" and a.shape[1] != dim):
-        expected = {2: f"({n}, {dim})", 3: f"({n}, heads, head_dim)"}[want] if step != "logits" else f"({n}, vocab)"
+    if step == "logits":
+        ok, expected = a.ndim == 2 and a.shape[0] == n, f"({n}, vocab)"
+    elif step == "q":
+        ok, expected = a.ndim == 3 and a.shape[0] == n and a.shape[1] * a.shape[2] == dim, \
+            f"({n}, n_heads, head_dim) with n_heads * head_dim = {dim}"
+    elif step in ("k", "v"):
+        ok, expected = a.ndim == 3 and a.shape[0] == n, f"({n}, n_kv_heads, head_dim)"
+    else:
+        ok, expected = a.shape == (n, dim), f"({n}, {dim})"
+    if not ok:
         raise InputError(f"{label}: array {name} has shape {a.shape}, expected {expected}")
     return a
 
