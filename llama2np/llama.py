@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,6 +24,8 @@ from .token_ids import check_token_ids
 from .tokenizer import Tokenizer
 from .tools import compare as _compare
 from .tools import perplexity as _perplexity
+from .tools import trace as _trace
+from .tools import trace_compare as _trace_compare
 
 
 class _Unset:
@@ -266,6 +269,60 @@ class Llama2:
             raise InputError("compare needs token ids: pass tokens=, text=, or an .npz that holds ids")
         results = _compare.compare(self.model, tokens, sides, window, stride)
         return next(iter(results.values())) if single else results
+
+    def trace(self, tokens: Sequence[int] | np.ndarray, out: str | Path | None = None, steps: str = "hidden",
+              dtype: str | None = None):
+        """Reference activations of one forward pass over ``tokens`` (ids, BOS first), layer by layer.
+
+        Returns a dict of arrays, or with ``out`` writes them to that ``.npz`` (streamed: memory holds
+        one layer's arrays) and returns its path. ``ids``, ``hidden_states`` (n_layers + 1, n, dim) as
+        Hugging Face's ``output_hidden_states``, ``final_layer_output`` (n, dim, before the final norm),
+        ``logits``; steps="all" adds every layer's ``layers.{i}.attention_norm``, ``q``, ``k`` (after
+        RoPE, Meta's interleaved layout), ``v``, ``attention``, ``ffn_norm``, ``feed_forward``.
+        dtype: of the arrays written (default: the compute dtype). See docs/trace.md.
+        """
+        ids = self.check_ids(tokens)
+        if ids.ndim != 1:
+            raise InputError(f"trace takes one sequence of token ids, got shape {ids.shape}")
+        _trace.check_steps(steps)
+        _trace.check_dtype(self.model, dtype)
+        if out is None:
+            return _trace.trace_arrays(self.model, ids, steps, dtype, self.progress)
+        if not isinstance(out, (str, os.PathLike)):
+            raise InputError(f"out must be a path, got {type(out).__name__}")
+        from .cli.io import write_atomically
+
+        out = Path(out)
+        write_atomically(out, "out", lambda f: _trace.write_trace(self.model, ids, f, steps, dtype,
+                                                                  self.progress))
+        return out
+
+    def compare_trace(self, other, reference=None, threshold: float = _trace_compare.THRESHOLD):
+        """Where another engine's trace departs from the reference, layer by layer.
+
+        other: an ``.npz`` trace (see ``trace``) or a dict of its arrays; reference: another trace,
+        by default this model's trace of other's ids, computed now (with every step when other has
+        steps). Returns a ``TraceComparison``: per array max |d|, NMSE, cosine (``rows``), the first
+        layer whose output's NMSE exceeds ``threshold`` (``first_layer_over``, "layers.{i}") and its
+        first step over; ``format()`` is the table ``compare --trace`` prints, ``to_dict()`` its JSON.
+        """
+        _trace_compare.check_threshold(threshold)
+        if reference is not None:
+            return _trace_compare.compare_traces(reference, other, threshold)
+        trace, label = _trace_compare.as_trace(other, default="other")
+        if "ids" not in trace:
+            raise InputError(f"{label}: missing array ids (the tokens the trace is of)")
+        try:
+            ids = self.check_ids(trace["ids"])
+        except InputError as e:
+            raise InputError(f"{label}: array ids: {e}") from None
+        steps = "all" if any(_trace.LAYER_ARRAY.fullmatch(name) for name in trace) else "hidden"
+        with tempfile.TemporaryDirectory(prefix="llama2np-trace-") as tmp:
+            path = Path(tmp) / "reference.npz"
+            with open(path, "wb") as f:
+                _trace.write_trace(self.model, ids, f, steps, progress=self.progress)
+            return _trace_compare.compare_traces(path, trace, threshold, f"{self.source} ({self.model.dtype})",
+                                                 label)
 
     @staticmethod
     def _label(other) -> str:

@@ -1,4 +1,4 @@
-"""The command line: ``python -m llama2np generate | chat | perplexity | logits | compare | plan | quantize``.
+"""The command line: ``python -m llama2np generate | chat | perplexity | logits | trace | compare | plan | quantize``.
 
 Text goes to stdout; what the program says about itself (which model, speed,
 warnings, errors) goes to stderr. Errors are one line and exit with status 2.
@@ -234,6 +234,10 @@ def cmd_compare(args) -> int:
     from ..llama import Llama2
     from ..tools.compare import format_positions, format_summary, summaries
 
+    if args.trace is not None:
+        from .trace import cmd_compare_trace
+
+        return cmd_compare_trace(args, load_model)
     if args.other is None and args.other_quantize is None and not args.logits:
         raise InputError("nothing to compare with: give --logits FILE.npz (another engine's logits), "
                          "--other PATH (a second checkpoint) and/or --other-quantize int8")
@@ -337,8 +341,14 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    from .trace import cmd_trace as run
+
+    return run(args, load_model, _parse_ids, _say)
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "logits": cmd_logits,
-            "compare": cmd_compare, "plan": cmd_plan, "quantize": cmd_quantize}
+            "compare": cmd_compare, "plan": cmd_plan, "quantize": cmd_quantize, "trace": cmd_trace}
 
 
 def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -349,12 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: generate, chat, perplexity, logits, compare, plan or quantize")
+        parser.error("choose a command: generate, chat, perplexity, logits, trace, compare, plan or quantize")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _warn_one_line
         try:
-            check_streams(stdin=args.command == "chat", stdout=args.command != "logits")
+            check_streams(stdin=args.command == "chat", stdout=args.command not in ("logits", "trace"))
             return COMMANDS[args.run](args)
         except Llama2npError as e:
             _say(f"error: {e}")

@@ -122,12 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.set_defaults(run="logits")
 
+    p = sub.add_parser("trace", help="reference activations layer by layer, to an .npz",
+                       description="Write one forward pass's activations: ids, hidden_states (n_layers + 1, n, "
+                                   "dim) as Hugging Face's output_hidden_states, final_layer_output, logits; "
+                                   "--steps all adds every layer's attention_norm, q, k, v, attention, ffn_norm, "
+                                   "feed_forward (see docs/trace.md). Compare another engine's with compare --trace.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="text, tokenized with BOS")
+    src.add_argument("--ids", metavar='"1 2 3"', help="token ids, space separated")
+    p.add_argument("--out", required=True, metavar="FILE.npz", help="the trace to write")
+    p.add_argument("--steps", choices=["hidden", "all"], default="hidden",
+                   help="hidden: the residual stream only (default); all: every step of every layer")
+    _model_options(p)
+    p.set_defaults(run="trace")
+
     p = sub.add_parser("compare", help="how far other logits are from float64 ones (KL, top-1, perplexity)",
                        description="Run the reference model (--model, float64 by default) over token ids and "
                                    "compare its logits, position by position, with another engine's (--logits "
                                    "FILE.npz holding ids (n,) and logits (n, vocab)) and/or a second llama2np model "
                                    "(--other PATH, --other-quantize int8): max |dlogit|, KL(ref||other) mean and "
-                                   "percentiles, top-1 agreement, perplexity of each.")
+                                   "percentiles, top-1 agreement, perplexity of each. With --trace: another "
+                                   "engine's activations, layer by layer, and the first layer that departs.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT", help="text, tokenized with BOS")
     src.add_argument("--text", metavar="FILE", help="a UTF-8 text file, tokenized with BOS, read in windows")
@@ -143,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, metavar="N", help="tokens between window starts (default: window / 2)")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.add_argument("--summary-only", action="store_true", help="print the summary table only")
+    g = p.add_argument_group("activations layer by layer (see docs/trace.md)")
+    g.add_argument("--trace", metavar="OTHER.npz", help="another engine's trace: per array max |d|, NMSE, cosine "
+                   "against the reference trace, and the first layer whose output's NMSE exceeds --threshold")
+    g.add_argument("--reference", metavar="TRACE.npz", help="the reference trace (default: computed now from "
+                   "--model on the trace's ids)")
+    g.add_argument("--threshold", type=float, default=1e-4, metavar="NMSE",
+                   help="NMSE above which a layer is named (default: 1e-4, llama.cpp's 'excellent'; 1e-2 'good')")
     _model_options(p, dtype="float64")
     p.set_defaults(run="compare")
 

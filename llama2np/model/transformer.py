@@ -107,6 +107,8 @@ class Attention:
     slice (then ``wo`` holds the matching columns and the output is a partial sum).
     """
 
+    observer: Callable[[str, np.ndarray], None] | None = None  # tracing (tools/trace.py) sees q, k, v
+
     def __init__(self, args: ModelArgs, wqkv: Linear, wo: Linear):
         self.head_dim = args.head_dim
         self.n_heads, self.n_kv_heads = wqkv.sizes[0] // self.head_dim, wqkv.sizes[1] // self.head_dim
@@ -120,6 +122,9 @@ class Attention:
         k = k.reshape(bsz, seqlen, g, hd)
         v = v.reshape(bsz, seqlen, g, hd)
         q, k = apply_rope(q, rotation), apply_rope(k, rotation)
+        if self.observer is not None:
+            for name, value in (("q", q), ("k", k), ("v", v)):
+                self.observer(name, value)
 
         k = k.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, head_dim)
         v = v.transpose(0, 2, 1, 3)
@@ -221,6 +226,8 @@ def causal_mask(seqlen: int, start_pos: int, dtype: np.dtype) -> np.ndarray | No
 
 
 class TransformerBlock:
+    observer: Callable[[str, np.ndarray], None] | None = None  # tracing (tools/trace.py) sees each step's output
+
     def __init__(self, args: ModelArgs, attention: Attention, feed_forward: FeedForward,
                  attention_norm: np.ndarray, ffn_norm: np.ndarray):
         self.eps = args.norm_eps
@@ -228,13 +235,22 @@ class TransformerBlock:
         self.attention_norm, self.ffn_norm = attention_norm, ffn_norm
 
     def __call__(self, x, start_pos, rotation, mask, cache_k=None, cache_v=None):
-        h = x + self.attention(rms_norm(x, self.attention_norm, self.eps), start_pos, rotation, mask,
-                               cache_k, cache_v)
-        return h + self.feed_forward(rms_norm(h, self.ffn_norm, self.eps))
+        xn = rms_norm(x, self.attention_norm, self.eps)
+        a = self.attention(xn, start_pos, rotation, mask, cache_k, cache_v)
+        h = x + a
+        hn = rms_norm(h, self.ffn_norm, self.eps)
+        f = self.feed_forward(hn)
+        if self.observer is not None:
+            for name, value in (("attention_norm", xn), ("attention", a), ("ffn_norm", hn), ("feed_forward", f)):
+                self.observer(name, value)
+        return h + f
 
 
 class Transformer:
     """The whole network. ``forward`` maps token ids to next-token logits."""
+
+    # tracing (tools/trace.py): observer(name, array) sees "tok_embeddings", each "layers.{i}" output and "norm"
+    observer: Callable[[str, np.ndarray], None] | None = None
 
     def __init__(self, args: ModelArgs, params: Mapping[str, np.ndarray], dtype: str | np.dtype = "float32",
                  quantize: str | None = None,
@@ -328,6 +344,9 @@ class Transformer:
 
     def _layers(self, tokens, start_pos, rotation, mask, cache, on_layer) -> np.ndarray:
         h = to_float(self.tok_embeddings[tokens], self.dtype)  # (batch, seq, dim)
+        observe = self.observer
+        if observe is not None:
+            observe("tok_embeddings", h)
         # Our threads split the weight multiplies (widening bf16/int8 tiles), one BLAS thread each
         # (see linear.py and threads.py).
         with blas_threads(1):
@@ -335,7 +354,11 @@ class Transformer:
                 ck = cache.k[i] if cache is not None else None
                 cv = cache.v[i] if cache is not None else None
                 h = layer(h, start_pos, rotation, mask, ck, cv)
+                if observe is not None:
+                    observe(f"layers.{i}", h)
                 if on_layer is not None:
                     on_layer(i)
             h = rms_norm(h, self.norm, self.args.norm_eps)
+            if observe is not None:
+                observe("norm", h)
             return self.output(h)  # (batch, seq, vocab)

@@ -74,7 +74,7 @@ def read_prompts(path: str | Path, encode: Callable[[str], list[int]],
     return prompts
 
 
-class _NpyWriter:
+class NpyWriter:
     """An ``.npy`` file of known shape whose rows are appended as they are computed."""
 
     def __init__(self, f: BinaryIO, shape: tuple[int, ...], dtype: np.dtype):
@@ -99,10 +99,10 @@ def write_logits_npz(model, prompts: Sequence[Sequence[int]], out: BinaryIO, pro
     with tempfile.TemporaryDirectory(prefix="llama2np-logits-") as tmp:
         files = {name: open(Path(tmp) / f"{name}.npy", "w+b") for name in ("ids", "offsets", "logits", "logprobs")}
         try:
-            _NpyWriter(files["ids"], (total,), np.int64).append(np.concatenate(ids))
-            _NpyWriter(files["offsets"], (len(ids) + 1,), np.int64).append(np.concatenate([[0], np.cumsum(lengths)]))
-            logits_out = _NpyWriter(files["logits"], (total, vocab), dtype)
-            logprobs_out = _NpyWriter(files["logprobs"], (total, vocab), dtype)
+            NpyWriter(files["ids"], (total,), np.int64).append(np.concatenate(ids))
+            NpyWriter(files["offsets"], (len(ids) + 1,), np.int64).append(np.concatenate([[0], np.cumsum(lengths)]))
+            logits_out = NpyWriter(files["logits"], (total, vocab), dtype)
+            logprobs_out = NpyWriter(files["logprobs"], (total, vocab), dtype)
             for p in bar(ids, desc="logits", unit="prompt", progress=progress):
                 logits = model.logits(p)  # (len(p), vocab)
                 logits_out.append(logits)

@@ -274,7 +274,8 @@ def read_llama2c(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 @torch.no_grad()
-def make_stories260k(out: Path, n_prompt: int = 48) -> dict:
+def stories260k_model() -> tuple[LlamaForCausalLM, Spec, dict]:
+    """(HF model, spec, llama2.c header) of ../shared's stories260K, read directly from its .bin."""
     path = SHARED / "stories260K" / "stories260K.bin"
     header, a = read_llama2c(path)
     vocab = abs(header["vocab_size"])
@@ -299,7 +300,13 @@ def make_stories260k(out: Path, n_prompt: int = 48) -> dict:
         layer.mlp.up_proj.weight.copy_(t(a["w3"][i]))
         layer.input_layernorm.weight.copy_(t(a["rms_att"][i]))
         layer.post_attention_layernorm.weight.copy_(t(a["rms_ffn"][i]))
+    return model, spec, header
 
+
+@torch.no_grad()
+def make_stories260k(out: Path, n_prompt: int = 48) -> dict:
+    path = SHARED / "stories260K" / "stories260K.bin"
+    model, spec, header = stories260k_model()
     greedy = [int(x) for x in (SHARED / "reference" / "stories260K_greedy_200_ids.txt").read_text().split()]
     ids = np.array(greedy[: n_prompt + 1], dtype=np.int64)
     logits = reference_logits(model, meta_state_dict(model, spec), spec, ids)
