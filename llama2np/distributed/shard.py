@@ -28,6 +28,7 @@ from ..loaders.common import LazyStateDict
 from ..loaders.torch_pickle import load_pth
 from ..model.args import ModelArgs
 from ..model.linear import QuantizedTensor, release_pages
+from ..model.quant_blocks import BlockQuantTensor
 from ..model.storage import BF16, is_bf16
 
 #: layer tensors split by output rows (dim 0) / by input columns (dim 1), and by which range
@@ -118,7 +119,9 @@ def shard_state(state: Mapping[str, np.ndarray], args: ModelArgs, shard: Shard) 
         full = state[name]
         columns = key in _COLUMNS
         a, b = shard.span(args, _COLUMNS[key] if columns else _ROWS[key])
-        if isinstance(full, QuantizedTensor):  # int8 rows keep their scales; a column slice keeps them all
+        if isinstance(full, BlockQuantTensor):  # a quantized GGUF's codes, scales and offsets, whole blocks
+            part = full.cut(a, b, columns)
+        elif isinstance(full, QuantizedTensor):  # int8 rows keep their scales; a column slice keeps them all
             part = QuantizedTensor(cut(full.q, a, b, columns), full.scale if columns else full.scale[a:b].copy())
         else:
             part = cut(full, a, b, columns)

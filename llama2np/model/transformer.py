@@ -23,6 +23,7 @@ from ..errors import InputError
 from .args import ModelArgs
 from .kv_cache import KVCache
 from .linear import Int8Linear, Linear, QuantizedTensor
+from .quant_blocks import is_block_quantized, make_block_linear
 from .storage import to_float
 from .threads import blas_threads
 
@@ -163,7 +164,12 @@ def linear_maker(params: Mapping[str, np.ndarray], dtype: np.dtype, quantize: st
         weights = [params[n] for n in names]
         # a quantized checkpoint's matrices are int8 already, whatever was asked for
         quantized = quantize == "int8" or any(isinstance(w, QuantizedTensor) for w in weights)
-        layer = (Int8Linear if quantized else Linear)(weights, dtype)
+        if quantized:  # a block-quantized matrix's rows index as float values: Int8Linear requantizes them
+            layer = Int8Linear(weights, dtype)
+        elif any(is_block_quantized(w) for w in weights):  # a quantized GGUF's own values (quant_blocks.py)
+            layer = make_block_linear(weights, dtype)
+        else:
+            layer = Linear(weights, dtype)
         if quantize and hasattr(params, "release"):  # the float originals are no longer needed
             for n in names:
                 params.release(n)
