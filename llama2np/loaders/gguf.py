@@ -54,7 +54,7 @@ from ..model.linear import TILE_ELEMENTS, release_pages
 from ..model.quant_blocks import BLOCKS_DTYPE
 from ..model.storage import BF16
 from ..model.threads import num_threads, run_parallel
-from . import gguf_blocks
+from .gguf_blocks import decode_tensor, supported
 from .common import LazyStateDict, make_args
 
 # GGUF name (after "blk.N.") -> Meta name (after "layers.N.")
@@ -169,9 +169,9 @@ def _maker(gguf, tensor) -> tuple[Callable[[], np.ndarray], tuple[int, ...], np.
         dtype = _PLAIN[qtype.name]
         return (lambda: data.view(dtype).reshape(shape)), shape, dtype
 
-    if len(shape) == 2 and gguf_blocks.supported(qtype.name):
+    if len(shape) == 2 and supported(qtype.name):
         def decode():
-            w = gguf_blocks.decode_tensor(data, qtype.name, shape, tensor.name)
+            w = decode_tensor(data, qtype.name, shape, tensor.name)
             release_pages(data)
             return w
 
@@ -198,7 +198,7 @@ def _maker(gguf, tensor) -> tuple[Callable[[], np.ndarray], tuple[int, ...], np.
 def _check_type(gguf, tensor, path: Path, checked: set) -> None:
     """Check gguf can dequantize the tensor's type (once per type)."""
     qtype = tensor.tensor_type
-    if qtype.name in _PLAIN or gguf_blocks.supported(qtype.name) or qtype in checked:
+    if qtype.name in _PLAIN or supported(qtype.name) or qtype in checked:
         return
     _, type_size = gguf.GGML_QUANT_SIZES[qtype]
     try:
