@@ -51,3 +51,19 @@ def test_compare_and_logits_commands_read_a_quantized_file(tmp_path: Path, capsy
     assert np.load(out)["logits"].shape[-1] == SHAPE.vocab_size
     assert main(["compare", "--model", str(path_of("Q8_0")), "--other", str(path_of("Q4_K_M")), "--ids", ids]) == 0
     assert "kl" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0"])
+def test_plan_counts_the_bytes_the_model_holds(ftype: str):
+    from llama2np.distributed.memory_plan import memory_plan
+    from llama2np.loaders.gguf import tensor_types
+
+    args, types = tensor_types(path_of(ftype))
+    plan = memory_plan(args, 1, tensor_types=types)
+    model = Llama2.from_pretrained(path_of(ftype)).model
+    held = sum(p.nbytes for layer in model.layers for m in (layer.attention.wqkv, layer.attention.wo,
+                                                            layer.feed_forward.w13, layer.feed_forward.w2)
+               for p in m.parts)
+    assert plan.actor_weights == held
+    driver = model.tok_embeddings.nbytes + sum(p.nbytes for p in model.output.parts)
+    assert 0 < plan.driver_weights - driver < 64 * 1024  # norms and the RoPE table

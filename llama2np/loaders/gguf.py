@@ -231,6 +231,17 @@ def load_gguf(path: Path, max_seq_len: int | None = None):
     return args, LazyStateDict(makers, source=path, specs=specs), reader
 
 
+def tensor_types(path: Path, max_seq_len: int | None = None):
+    """(ModelArgs, {Meta name: GGUF type name}) from a GGUF's header alone (no tensor data read), for ``plan``."""
+    path = Path(path)
+    reader = open_reader(path)
+    types = {meta_name(t.name) or t.name: t.tensor_type.name for t in reader.tensors}
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise CheckpointError(f"{path}: no token_embd.weight tensor")
+    return read_args(reader, path, int(embedding.shape[-1]), max_seq_len), types
+
+
 # --- the embedded vocabulary -------------------------------------------------------------
 
 #: how Meta's Llama 2 tokenizer.model was trained: the flags of its trainer_spec that sentencepiece
