@@ -312,9 +312,19 @@ def cmd_plan(args) -> int:
 
     if not (math.isfinite(args.machine_ram) and args.machine_ram > 0):
         raise InputError(f"--machine-ram must be a positive number of GiB, got {args.machine_ram:g}")
-    model_args, storage = read_model_config(args.model, args.max_seq_len)
-    storage = args.storage or storage
-    p = memory_plan(model_args, args.tensor_parallel, storage, args.dtype, args.quantize)
+    types = None
+    if Path(args.model).is_file():  # a GGUF: each tensor's own type, from its header
+        from collections import Counter
+
+        from ..loaders.gguf import tensor_types
+
+        model_args, types = tensor_types(Path(args.model), args.max_seq_len)
+        counts = Counter(t for n, t in types.items() if not n.endswith("norm.weight"))
+        storage = "GGUF " + "/".join(t for t, _ in counts.most_common())
+    else:
+        model_args, storage = read_model_config(args.model, args.max_seq_len)
+        storage = args.storage or storage
+    p = memory_plan(model_args, args.tensor_parallel, storage, args.dtype, args.quantize, tensor_types=types)
     weights = f"{storage} weights" if not args.quantize else f"{storage} weights quantised to int8"
     print(f"{args.model}: dim {model_args.dim}, {model_args.n_layers} layers, {model_args.n_heads} heads "
           f"({model_args.n_kv_heads} key/value), context {model_args.max_seq_len}; {weights}, {args.dtype} compute")

@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Bytes each tensor-parallel actor and the driver hold (weights, and the KV "
                                    "cache at the context length), read from params.json / config.json only; "
                                    "and how many machines Llama 2 7B/13B/70B need.")
-    p.add_argument("--model", required=True, metavar="DIR", help="directory with params.json or config.json")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="directory with params.json or config.json, or a .gguf file (its header is read)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="actors (default: 1)")
     p.add_argument("--quantize", choices=["int8"], help="plan for weight-only int8")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute precision")

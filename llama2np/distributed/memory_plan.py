@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -45,10 +46,24 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
+#: a GGUF tensor type -> the storage name it is held as (F32/F16/BF16 memory-mapped as they are)
+_GGUF_PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
 def matrix_bytes(rows: int, cols: int, storage: str, dtype: np.dtype, quantize: str | None) -> int:
-    """Bytes llama2np holds for one (rows, cols) weight matrix."""
+    """Bytes llama2np holds for one (rows, cols) weight matrix. ``storage`` may be a GGUF tensor type:
+    Q8_0, Q4_K ... are held as int8 codes with per-block scales (``model.quant_blocks``); other quantized
+    types as gguf's float32 values (then as any float32 weight)."""
     if quantize == "int8":
         return rows * cols + rows * dtype.itemsize
+    if storage in _GGUF_PLAIN:
+        storage = _GGUF_PLAIN[storage]
+    elif storage not in _ITEMSIZE:
+        from ..loaders.gguf_blocks import form_bytes, supported
+
+        if supported(storage):
+            return form_bytes(storage, rows, cols)
+        storage = "float32"
     if storage == "bfloat16" and dtype == np.float32:
         return rows * cols * 2
     return rows * cols * dtype.itemsize
@@ -78,9 +93,16 @@ class MemoryPlan:
 
 
 def memory_plan(args: ModelArgs, world: int, storage: str = "bfloat16", dtype: str = "float32",
-                quantize: str | None = None, max_seq_len: int | None = None, batch_size: int = 1) -> MemoryPlan:
-    """What each of ``world`` actors and the driver hold for ``args`` stored as ``storage``."""
+                quantize: str | None = None, max_seq_len: int | None = None, batch_size: int = 1,
+                tensor_types: Mapping[str, str] | None = None) -> MemoryPlan:
+    """What each of ``world`` actors and the driver hold for ``args`` stored as ``storage``.
+
+    ``tensor_types``: each tensor's own storage by its Meta name (a GGUF's types, see
+    ``loaders.gguf.tensor_types``), overriding ``storage``.
+    """
     compute = resolve_compute_dtype(dtype)
+    if tensor_types is not None:
+        return _typed_plan(args, world, tensor_types, compute, quantize, max_seq_len, batch_size)
     if storage not in _ITEMSIZE:
         raise InputError(f"storage must be one of {sorted(_ITEMSIZE)}, got {storage!r}")
     if quantize not in (None, "int8"):
@@ -99,6 +121,29 @@ def memory_plan(args: ModelArgs, world: int, storage: str = "bfloat16", dtype: s
               + (2 * args.n_layers + 1) * args.dim * compute.itemsize  # norms
               + seq * args.head_dim * compute.itemsize)  # RoPE table: head_dim / 2 complex numbers per position
     return MemoryPlan(args, world, args.n_layers * per_layer, kv, driver)
+
+
+def _typed_plan(args: ModelArgs, world: int, types: Mapping[str, str], compute: np.dtype, quantize: str | None,
+                max_seq_len: int | None, batch_size: int) -> MemoryPlan:
+    """memory_plan with a storage per tensor: each layer counted with its own types."""
+    if quantize not in (None, "int8"):
+        raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
+    if world < 1:
+        raise InputError(f"tensor_parallel must be >= 1, got {world}")
+    Shard(0, world).check(args)
+    shards = [Shard(k, world).layer_shapes(args) for k in range(world)]
+    weights = sum(max(sum(matrix_bytes(r, c, types[f"layers.{i}.{n}"], compute, quantize) for n, (r, c) in s.items())
+                      for s in shards) for i in range(args.n_layers))
+    kv_heads = len(Shard(0, world).kv_heads(args))
+    seq = max_seq_len or args.max_seq_len
+    kv = 2 * args.n_layers * batch_size * kv_heads * seq * args.head_dim * compute.itemsize
+    embedding = types["tok_embeddings.weight"]
+    driver = (matrix_bytes(args.vocab_size, args.dim, embedding, compute, None)  # looked up, never requantized
+              + (matrix_bytes(args.vocab_size, args.dim, types["output.weight"], compute, quantize)
+                 if "output.weight" in types else matrix_bytes(args.vocab_size, args.dim, embedding, compute, quantize)
+                 if quantize else 0)  # absent: the embedding's own matrix, shared
+              + (2 * args.n_layers + 1) * args.dim * compute.itemsize + seq * args.head_dim * compute.itemsize)
+    return MemoryPlan(args, world, weights, kv, driver)
 
 
 def check_node_memory(plan: MemoryPlan, actors_on_node: int, who: str) -> None:

@@ -30,6 +30,7 @@ from ..loaders.meta import SPLIT_AXIS
 from ..loaders.torch_pickle import load_pth
 from ..model.args import ModelArgs
 from ..model.linear import QuantizedTensor, release_pages
+from ..model.quant_blocks import BlockQuantTensor
 from ..model.storage import BF16, is_bf16
 
 #: the range of each layer matrix a process takes, along the axis Meta's shards split it on (SPLIT_AXIS)
@@ -128,7 +129,9 @@ def shard_state(state: Mapping[str, np.ndarray], args: ModelArgs, shard: Shard) 
         full = state[name]
         columns = SPLIT_AXIS[key] == 1
         a, b = shard.span(args, _RANGE[key])
-        if isinstance(full, QuantizedTensor):  # int8 rows keep their scales; a column slice keeps them all
+        if isinstance(full, BlockQuantTensor):  # a quantized GGUF's codes, scales and offsets, whole blocks
+            part = full.cut(a, b, columns)
+        elif isinstance(full, QuantizedTensor):  # int8 rows keep their scales; a column slice keeps them all
             part = QuantizedTensor(cut(full.q, a, b, columns), full.scale if columns else full.scale[a:b].copy())
         else:
             part = cut(full, a, b, columns)

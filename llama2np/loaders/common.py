@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError, InputError
 from ..model.args import MAX_SEQ_LEN, ModelArgs, field_problem
 from ..model.linear import QuantizedTensor
+from ..model.quant_blocks import BLOCKS_DTYPE
 from ..model.storage import STORAGE_DTYPES
 from ..progress import bar
 
@@ -152,7 +153,7 @@ def validate(args: ModelArgs, state: Mapping[str, np.ndarray], source: Path | st
             actual, dtype = state.spec(name)
         else:
             actual, dtype = tuple(state[name].shape), state[name].dtype
-        if dtype not in STORAGE_DTYPES and not isinstance(state[name], QuantizedTensor):
+        if dtype not in STORAGE_DTYPES and dtype != BLOCKS_DTYPE and not isinstance(state[name], QuantizedTensor):
             raise CheckpointError(f"{source}: tensor {name} has unsupported dtype {dtype} "
                                   "(expected bfloat16, float16, float32 or float64)")
         if tuple(actual) != shape:

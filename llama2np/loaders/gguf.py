@@ -31,13 +31,15 @@ against llama.cpp's ``convert_hf_to_gguf.py`` and ``gguf-py``:
   (llama.cpp rotates adjacent pairs for the llama architecture), and Meta
   ``.pth`` files were converted without any permutation. There is nothing to
   undo here; the golden tests check it against HF's logits.
-* F32, F16 and BF16 tensors are memory-mapped as they are. Quantized tensors
-  (Q8_0, Q4_0, Q4_K, Q6_K, ... whatever ``gguf.quants`` can dequantize) are
-  dequantized when the model first asks for them, a few rows at a time, to
-  float32 and rounded to bf16 (nearest, ties to even): 2 bytes a weight, so
-  a 7B Q4_K_M becomes a 12.6 GiB bf16 model, and the rounding (relative
-  2^-9) adds little to the quantization's own error. The file's pages are
-  released as each tensor is read.
+* F32, F16 and BF16 tensors are memory-mapped as they are. Tensors of the
+  common quantized types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K) are decoded
+  when the model first asks for them, on our threads, into int8 codes with
+  per-block float32 scales and offsets (``model.quant_blocks``, decoded by
+  ``gguf_blocks``): exactly the values the file stores, about 1.1-1.5 bytes a
+  weight (a 7B Q4_K_M: 7.6 GiB). Other quantized types (IQ*, TQ*, MXFP4...)
+  are dequantized with ``gguf.quants`` to float32, its exact values, 4 bytes a
+  weight. Nothing is rounded. The file's pages are released as each tensor is
+  read.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError
 from ..model.linear import TILE_ELEMENTS, release_pages
-from ..model.storage import BF16, float32_to_bf16
+from ..model.quant_blocks import BLOCKS_DTYPE
+from ..model.storage import BF16
 from ..model.threads import num_threads, run_parallel
+from .gguf_blocks import decode_tensor, supported
 from .common import LazyStateDict, make_args
 from .gguf_header import check_gguf_header
 
@@ -193,29 +197,36 @@ def _maker(gguf, tensor) -> tuple[Callable[[], np.ndarray], tuple[int, ...], np.
         dtype = _PLAIN[qtype.name]
         return (lambda: data.view(dtype).reshape(shape)), shape, dtype
 
-    def build() -> np.ndarray:
+    if len(shape) == 2 and supported(qtype.name):
+        def decode():
+            w = decode_tensor(data, qtype.name, shape, tensor.name)
+            release_pages(data)
+            return w
+
+        return decode, shape, BLOCKS_DTYPE
+
+    def build() -> np.ndarray:  # a type without an int8 form: gguf's own float32 values, rounded nowhere
         blocks = data.reshape(-1, data.shape[-1])  # (rows, bytes per row)
-        out = np.empty((blocks.shape[0], shape[-1]), dtype=np.uint16)  # (rows, columns) bf16 bits
+        out = np.empty((blocks.shape[0], shape[-1]), dtype=np.float32)  # (rows, columns)
         step = max(1, TILE_ELEMENTS // shape[-1])
         starts = range(0, blocks.shape[0], step)
 
         def work(tiles: Sequence[int]) -> None:  # NumPy releases the GIL: tiles spread over our threads
             for r0 in tiles:
-                floats = gguf.quants.dequantize(blocks[r0:r0 + step], qtype)  # (step, columns) float32
-                out[r0:r0 + step] = float32_to_bf16(floats).view(np.uint16)
+                out[r0:r0 + step] = gguf.quants.dequantize(blocks[r0:r0 + step], qtype)  # (step, columns)
 
         n = max(1, min(num_threads(), len(starts)))
         run_parallel(work, [starts[i::n] for i in range(n)])
         release_pages(data)
-        return out.view(BF16).reshape(shape)
+        return out.reshape(shape)
 
-    return build, shape, BF16
+    return build, shape, np.dtype(np.float32)
 
 
 def _check_type(gguf, tensor, path: Path, checked: set) -> None:
     """Check gguf can dequantize the tensor's type (once per type)."""
     qtype = tensor.tensor_type
-    if qtype.name in _PLAIN or qtype in checked:
+    if qtype.name in _PLAIN or supported(qtype.name) or qtype in checked:
         return
     _, type_size = gguf.GGML_QUANT_SIZES[qtype]
     try:
@@ -250,6 +261,17 @@ def load_gguf(path: Path, max_seq_len: int | None = None):
     vocab_rows = embedding_shape[0]
     args = read_args(reader, path, vocab_rows, max_seq_len)
     return args, LazyStateDict(makers, source=path, specs=specs), reader
+
+
+def tensor_types(path: Path, max_seq_len: int | None = None):
+    """(ModelArgs, {Meta name: GGUF type name}) from a GGUF's header alone (no tensor data read), for ``plan``."""
+    path = Path(path)
+    reader = open_reader(path)
+    types = {meta_name(t.name) or t.name: t.tensor_type.name for t in reader.tensors}
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise CheckpointError(f"{path}: no token_embd.weight tensor")
+    return read_args(reader, path, int(embedding.shape[-1]), max_seq_len), types
 
 
 # --- the embedded vocabulary -------------------------------------------------------------

@@ -24,6 +24,7 @@ from ..errors import CheckpointError, InputError
 from .args import ModelArgs
 from .kv_cache import KVCache
 from .linear import Int8Linear, Linear, QuantizedTensor
+from .quant_blocks import is_block_quantized, make_block_linear
 from .storage import check_finite_fp16, to_float
 from .threads import blas_threads
 
@@ -184,7 +185,11 @@ def linear_maker(params: Mapping[str, np.ndarray], dtype: np.dtype, quantize: st
         with naming_damage(params, names):
             if quantized:  # Linear checks its own float16 parts; quantizing inf would hide it in the scales
                 check_finite_fp16(weights)
-            layer = (Int8Linear if quantized else Linear)(weights, dtype)
+                layer = Int8Linear(weights, dtype)
+            elif any(is_block_quantized(w) for w in weights):  # a quantized GGUF's own values (quant_blocks.py)
+                layer = make_block_linear(weights, dtype)
+            else:
+                layer = Linear(weights, dtype)
         if quantize and hasattr(params, "release"):  # the float originals are no longer needed
             for n in names:
                 params.release(n)

@@ -11,9 +11,9 @@
 
 Every file's reference logits come from HF transformers in float64 (see
 ``golden_reference.py``) over the weights ``gguf.GGUFReader`` +
-``gguf.quants.dequantize`` read back from that file; quantized weights are
-rounded to bfloat16 by torch first, as llama2np holds dequantized weights in
-bf16. The F32 file is also checked by the tests against the layouts model's
+``gguf.quants.dequantize`` read back from that file, exactly as dequantized
+(float32, widened to float64): llama2np computes with the values a quantized
+file stores. The F32 file is also checked by the tests against the layouts model's
 own reference. Nothing here imports llama2np.
 
 Usage (needs the ``reference`` and ``gguf`` extras): python scripts/golden/make_gguf_golden.py
@@ -68,12 +68,10 @@ def gguf_state(model: LlamaForCausalLM, spec: Spec) -> dict[str, np.ndarray]:
 
 
 def read_back(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a GGUF by its GGUF name, dequantized by gguf, in the dtype llama2np holds it."""
+    """Every tensor of a GGUF by its GGUF name, as gguf dequantizes it (float32)."""
     out = {}
     for t in gguf.GGUFReader(path).tensors:
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
-        if t.tensor_type not in (T.F32, T.F16):
-            w = w.to(torch.bfloat16)  # llama2np rounds dequantized weights to bf16
         out[t.name] = w.reshape(tuple(reversed(t.shape.tolist())))
     return out
 
