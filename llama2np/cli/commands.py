@@ -1,4 +1,4 @@
-"""The command line: ``python -m llama2np generate | chat | perplexity | logits | compare | plan | quantize``.
+"""The command line: ``python -m llama2np generate | chat | perplexity | logits | compare | plan | quantize | serve``.
 
 Text goes to stdout; what the program says about itself (which model, speed,
 warnings, errors) goes to stderr. Errors are one line and exit with status 2.
@@ -19,6 +19,7 @@ from ..generation.chat import check_content, fit_dialog
 from ..generation.sampling import check_processors, check_sampling
 from .io import check_output_path, check_streams, check_utf8, stdin_keeps_bad_bytes, write_atomically
 from .parser import PROG, build_parser
+from .serve import cmd_serve
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_SUFFIXES = (".bin", ".pth", ".safetensors", ".gguf")
@@ -335,7 +336,7 @@ def cmd_quantize(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "logits": cmd_logits,
-            "compare": cmd_compare, "plan": cmd_plan, "quantize": cmd_quantize}
+            "compare": cmd_compare, "plan": cmd_plan, "quantize": cmd_quantize, "serve": lambda args: cmd_serve(args, load_model, _say)}
 
 
 def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -346,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: generate, chat, perplexity, logits, compare, plan or quantize")
+        parser.error("choose a command: generate, chat, perplexity, logits, compare, plan, quantize or serve")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _warn_one_line
