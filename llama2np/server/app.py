@@ -108,7 +108,7 @@ def create_app(model: Llama2, model_id: str, api_key: str | None = None, max_que
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "waiting": worker.queue.qsize(), "busy": worker.busy}
 
     auth = [Depends(check_key)]
 
