@@ -10,8 +10,10 @@ import numpy as np
 
 from .errors import InputError, TokenizerError
 from .generation import chat as _chat
-from .generation import decode as _generation
+from .generation.config import GenerationConfig
+from .generation.generate import generate as _generate
 from .generation.prefix_cache import PrefixCache
+from .generation.request import Stats
 from .loaders import load_checkpoint
 from .model.args import ModelArgs
 from .model.storage import resolve_compute_dtype
@@ -22,6 +24,16 @@ from .tools import compare as _compare
 from .tools import perplexity as _perplexity
 
 
+class _Unset:
+    """The default of an option not given: the ``GenerationConfig``'s (or ``config=``'s) value stands."""
+
+    def __repr__(self) -> str:
+        return "<GenerationConfig's>"
+
+
+UNSET = _Unset()
+
+
 class Llama2:
     """A loaded Llama 2 model plus (when one was found) its tokenizer.
 
@@ -30,14 +42,14 @@ class Llama2:
     (3, 32000)
     """
 
-    tokenizer_hint = "pass tokenizer_path= to from_pretrained, or use token ids"  # said when there is none
-
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None,
-                 tokenizer_candidates: Sequence[Path] = (), source: Path | None = None):
+                 tokenizer_candidates: Sequence[Path] = (), source: Path | None = None,
+                 progress: bool | None = None):
         self.model = model
         self._tokenizer = tokenizer
-        self._tokenizer_candidates = list(tokenizer_candidates)
+        self.tokenizer_candidates = list(tokenizer_candidates)  # where a tokenizer was looked for
         self.source = source
+        self.progress = progress  # bars on long forwards and perplexity: None = on a terminal or in a notebook
         self._prefix: PrefixCache | None = None  # KV cache of the last single-row sequence (KV reuse)
         self._drafts: dict[str, Llama2] = {}  # draft models loaded from a path, by path
         self.last_stats: Stats | None = None  # counts and timings of the last generate / chat call
@@ -73,7 +85,6 @@ class Llama2:
         else:
             ckpt = load_checkpoint(path, max_seq_len=max_seq_len, progress=progress)
             model = Transformer(ckpt.args, ckpt.state, compute, quantize=quantize)
-        model.progress = progress
         candidates = [Path(tokenizer_path)] if tokenizer_path is not None else ckpt.tokenizer_candidates
         tokenizer = None
         if tokenizer_path is not None or any(p.is_file() for p in candidates):
@@ -84,18 +95,23 @@ class Llama2:
             if tokenizer.vocab_size != ckpt.args.vocab_size:
                 raise TokenizerError(f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces but the "
                                      f"model at {ckpt.source} has vocab_size {ckpt.args.vocab_size}")
-        return cls(model, tokenizer, candidates, ckpt.source)
+        return cls(model, tokenizer, candidates, ckpt.source, progress)
 
     @property
     def args(self) -> ModelArgs:
         return self.model.args
 
     @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
+
+    @property
     def tokenizer(self) -> Tokenizer:
         """The tokenizer; raises TokenizerError naming where it was looked for when there is none."""
         if self._tokenizer is None:
-            where = ", ".join(str(p) for p in self._tokenizer_candidates) or "nowhere"
-            raise TokenizerError(f"no tokenizer for this model (looked for {where}); {self.tokenizer_hint}")
+            where = ", ".join(str(p) for p in self.tokenizer_candidates) or "nowhere"
+            raise TokenizerError(f"no tokenizer for this model (looked for {where}); pass tokenizer_path= to "
+                                 "from_pretrained, or use token ids")
         return self._tokenizer
 
     def logits(self, tokens: Sequence[int] | np.ndarray, reuse_cache: bool = True) -> np.ndarray:
@@ -107,8 +123,8 @@ class Llama2:
         """
         ids = self.check_ids(tokens)
         if ids.ndim == 1 and reuse_cache:
-            return self._kept_cache().all_logits(ids.tolist())[1]
-        on_layer = layer_callback(self.args.n_layers, ids.size, self.model.progress)
+            return self._kept_cache().all_logits(ids.tolist(), self.progress)[1]
+        on_layer = layer_callback(self.args.n_layers, ids.size, self.progress)
         out = self.model.forward(ids if ids.ndim == 2 else ids[None], on_layer=on_layer)
         return out if ids.ndim == 2 else out[0]
 
@@ -132,19 +148,22 @@ class Llama2:
             self._drafts[key] = Llama2.from_pretrained(draft_model, dtype=str(self.model.dtype))
         return self._drafts[key]
 
-    def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9,
-                 top_k: int | None = None, seed=None, stop: str | Sequence[str] | None = None, echo: bool = False,
-                 logprobs: bool = False, stream: bool = False, *, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                 logit_bias: Mapping[int, float] | None = None, prompt_lookup: int | None = None,
-                 draft_model: "Llama2 | str | Path | None" = None, num_draft: int | None = None,
-                 reuse_cache: bool = True):
+    def generate(self, prompt, max_new_tokens: int = UNSET, temperature: float = UNSET, top_p: float = UNSET,
+                 top_k: int | None = UNSET, seed=UNSET, stop: str | Sequence[str] | None = UNSET, echo: bool = UNSET,
+                 logprobs: bool = UNSET, stream: bool = False, *, min_p: float = UNSET,
+                 repetition_penalty: float = UNSET, frequency_penalty: float = UNSET, presence_penalty: float = UNSET,
+                 logit_bias: Mapping[int, float] | None = UNSET, prompt_lookup: int | None = UNSET,
+                 draft_model: "Llama2 | str | Path | None" = None, num_draft: int | None = UNSET,
+                 reuse_cache: bool = True, config: GenerationConfig | None = None):
         """Continue a prompt.
 
         prompt: a str -> the new text (what follows the prompt); a list of token ids
         -> the new ids (EOS not included; [] starts from BOS); a list of either -> a batch,
         one result per prompt, each the same as generating it alone (prompt i samples with
         seed + i, or pass a list of seeds).
+        The options are the fields of ``GenerationConfig`` (defaults there: max_new_tokens 256,
+        temperature 0.6, top_p 0.9); pass them as keywords, or a whole ``config=``, whose
+        fields the keywords given override.
         temperature=0 is greedy; otherwise top_k and then top_p (Meta's nucleus) filter the
         softmax(logits / temperature) before one token is drawn with numpy.random.default_rng(seed).
         Stops at EOS, after max_new_tokens, at any of the ``stop`` strings (not included in the
@@ -152,6 +171,7 @@ class Llama2:
         echo: prefix the prompt. logprobs: return ``Completion`` objects (ids, text, logprobs of
         the new tokens, finish_reason) instead. stream: return a ``GenerationStream`` iterator
         of text pieces (ids for an id prompt); its ``completion`` and ``stats`` fill in at the end.
+        Other calls on this model may run between its pieces (see docs/generation.md).
         Logits processors, applied before temperature in Hugging Face's order: logit_bias
         ({token id: added logit}, -inf bans), repetition_penalty (HF/CTRL: > 1 discourages every
         token of prompt + output), frequency_penalty and presence_penalty (OpenAI's, over the new
@@ -160,49 +180,56 @@ class Llama2:
         prompt_lookup=N drafts by copying what followed the latest earlier occurrence of the
         last n <= N tokens; draft_model (a Llama2 sharing the vocabulary, or its path) drafts
         with a smaller model; num_draft tokens per step (default 3); the model checks
-        a whole draft in one forward pass. A batch then decodes row after row.
+        a whole draft in one forward pass. A batch then decodes each row on its own.
         reuse_cache: a single prompt reuses the kept KV cache of the previous call for the
         tokens they share, and leaves its own behind (False: fresh cache, nothing kept).
         ``last_stats`` holds the call's counts: forward passes, drafted / accepted tokens.
         """
-        return self._generate(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, echo, logprobs,
-                              stream, min_p=min_p, repetition_penalty=repetition_penalty,
-                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                              logit_bias=logit_bias, prompt_lookup=prompt_lookup, draft_model=draft_model,
-                              num_draft=num_draft, reuse_cache=reuse_cache)
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                       seed=seed, stop=stop, echo=echo, logprobs=logprobs, min_p=min_p,
+                       repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                       presence_penalty=presence_penalty, logit_bias=logit_bias, prompt_lookup=prompt_lookup,
+                       num_draft=num_draft)
+        return self._generate(prompt, _config(config, options), stream, draft_model, reuse_cache)
 
-    def _generate(self, *args, draft_model=None, reuse_cache: bool = True, **kwargs):
-        """generation.generate with this model's kept KV caches, draft model and stats."""
+    def _generate(self, prompt, config: GenerationConfig, stream, draft_model, reuse_cache, **chat):
+        """generation.generate with this model's kept KV caches, draft model, progress and stats."""
         if not isinstance(reuse_cache, bool):
             raise InputError(f"reuse_cache must be True or False, got {reuse_cache!r}")
+        if not isinstance(stream, bool):
+            raise InputError(f"stream must be True or False, got {stream!r}")
         draft = self._draft(draft_model)
-        self.last_stats = _generation.Stats()
-        return _generation.generate(self.model, self._tokenizer, *args, draft_model=draft and draft.model,
-                                    prefix=self._kept_cache() if reuse_cache else None,
-                                    draft_prefix=draft._kept_cache() if draft and reuse_cache else None,
-                                    stats=self.last_stats, **kwargs)
+        self.last_stats = Stats()
+        return _generate(self.model, self._tokenizer, prompt, config, stream=stream,
+                         draft_model=draft and draft.model, prefix=self._kept_cache() if reuse_cache else None,
+                         draft_prefix=draft._kept_cache() if draft and reuse_cache else None,
+                         stats=self.last_stats, progress=self.progress, **chat)
 
-    def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9,
-             top_k: int | None = None, seed=None, stop: str | Sequence[str] | None = None, stream: bool = False,
-             **options):
+    def chat(self, messages, max_new_tokens: int = UNSET, temperature: float = UNSET, top_p: float = UNSET,
+             top_k: int | None = UNSET, seed=UNSET, stop: str | Sequence[str] | None = UNSET, stream: bool = False,
+             *, draft_model: "Llama2 | str | Path | None" = None, reuse_cache: bool = True,
+             config: GenerationConfig | None = None, **options):
         """The assistant's answer to a dialog in Meta's chat format.
 
         messages: [{"role": "system" | "user" | "assistant", "content": str}, ...], an optional
         system message first, then user and assistant alternating, ending with user.
         Returns the answer text, or with stream=True an iterator of its pieces. The dialog's
         earlier turns come from the kept KV cache (only the new turn is prefilled).
-        options: the keyword-only options of ``generate`` (penalties, min_p, logit_bias,
-        prompt_lookup, draft_model, num_draft, reuse_cache).
+        options: the other ``GenerationConfig`` fields (penalties, min_p, logit_bias,
+        prompt_lookup, num_draft), as for ``generate``; or a whole ``config=``.
         """
         ids = _chat.dialog_tokens(self.tokenizer, messages)
-        return self._generate(ids, max_new_tokens, temperature, top_p, top_k, seed, stop, stream=stream,
-                              text_context=False, text_out=True, **options)
+        options |= dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        seed=seed, stop=stop)
+        return self._generate(ids, _config(config, options), stream, draft_model, reuse_cache,
+                              text_context=False, text_out=True)
 
     def perplexity(self, text: str, window: int | None = None, stride: int | None = None) -> float:
         """exp(mean negative log-likelihood) of ``text`` (BOS prepended), windowed over the context length."""
         if not isinstance(text, str):
             raise InputError(f"perplexity takes a str, got {type(text).__name__}")
-        return _perplexity.perplexity(self.model, self.tokenizer.encode(text), window, stride).perplexity
+        return _perplexity.perplexity(self.model, self.tokenizer.encode(text), window, stride,
+                                      self.progress).perplexity
 
     def compare(self, others, tokens: Sequence[int] | None = None, text: str | None = None,
                 window: int | None = None, stride: int | None = None):
@@ -274,3 +301,16 @@ def _check_from_pretrained_args(path, tokenizer_path, progress) -> None:
             raise InputError(f"{name} must be a str or os.PathLike, got {type(value).__name__} {value!r}")
     if progress is not None and not isinstance(progress, bool):
         raise InputError(f"progress must be True, False or None (automatic), got {progress!r}")
+
+
+def _config(config: GenerationConfig | None, options: dict) -> GenerationConfig:
+    """``config`` (default: GenerationConfig()) with the options that were given; checked once."""
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise InputError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    given = {k: v for k, v in options.items() if v is not UNSET}
+    if config is None:
+        unknown = sorted(set(given) - set(GenerationConfig.__dataclass_fields__))
+        if unknown:
+            return GenerationConfig().replace(**given)  # InputError naming the unknown option
+        return GenerationConfig(**given)
+    return config.replace(**given) if given else config

@@ -56,6 +56,14 @@ class Tokenizer:
             raise TokenizerError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         return self.sp.Decode(ids)
 
+    def id_to_piece(self, token: int) -> str:
+        """The vocabulary's name for one id: its sentencepiece piece ("▁the", "<0x0A>", "</s>")."""
+        if not isinstance(token, (int, np.integer)) or isinstance(token, bool):
+            raise InputError(f"id_to_piece takes an int token id, got {type(token).__name__} {token!r}")
+        if not 0 <= token < self.vocab_size:
+            raise TokenizerError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
+        return self.sp.IdToPiece(int(token))
+
     def stream(self, context: Sequence[int] = ()) -> "StreamDecoder":
         """A decoder that turns ids arriving one at a time into printable text pieces."""
         return StreamDecoder(self, context)

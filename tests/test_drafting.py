@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, shared_path
 from llama2np import InputError, Llama2, Transformer
-from llama2np.generation import decode as generation, drafting
+from llama2np.generation import drafting, generate as generation
 from llama2np.generation.chat import dialog_tokens
 from llama2np.loaders import load_checkpoint
 from llama2np.generation.prefix_cache import PrefixCache
@@ -128,7 +128,8 @@ def test_sampling_with_prompt_lookup_reproduces_with_a_seed(stories):
 
 def exact_marginals(model: Llama2, prompt: list[int], temperature: float, top_k: int) -> list[np.ndarray]:
     """p(token 2) and p(token 3) after ``prompt``, by summing over every path under the filtered distributions."""
-    from llama2np.generation.sampling import SamplingParams, filtered_probs
+    from llama2np import GenerationConfig as SamplingParams
+    from llama2np.generation.sampling import filtered_probs
     params = SamplingParams(temperature, 1.0, top_k)
     V = model.args.vocab_size
     p1 = filtered_probs(model.logits(prompt, reuse_cache=False)[-1:], params)[0]  # (V,)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import shared_path
 from llama2np import InputError, Llama2
-from llama2np.generation import decode as generation
+from llama2np.generation import generate as generation
 from llama2np.generation.decode import Completion
 from llama2np.errors import ContextLengthWarning
 from llama2np.generation.sampling import log_softmax

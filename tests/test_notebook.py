@@ -40,7 +40,7 @@ CELLS = [
     "    pieces.append(piece)\n"
     "print()\n"
     "print('STREAMED', len(pieces), ''.join(pieces) == text)",
-    "model.model.progress = True  # a bar at once, however short the work\n"
+    "model.progress = True  # a bar at once, however short the work\n"
     f"print('PERPLEXITY', model.perplexity({PROMPT + ', there was a little cat.'!r}, window=8))",
 ]
 

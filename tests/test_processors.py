@@ -10,7 +10,8 @@ import pytest
 
 from llama2np import InputError
 from llama2np.cli.commands import main
-from llama2np.generation.sampling import SamplingParams, filtered_probs, process_logits
+from llama2np import GenerationConfig
+from llama2np.generation.sampling import filtered_probs, process_logits
 from tiny_model import tiny_model
 
 GOLDEN = np.load(Path(__file__).parent / "golden" / "sampling.npz")
@@ -22,7 +23,7 @@ def case(name: str):
     raw = json.loads(str(g["params"]))
     if "logit_bias" in raw:
         raw["logit_bias"] = {int(k): v for k, v in raw["logit_bias"].items()}
-    params = SamplingParams(**{"temperature": 1.0, "top_p": 1.0, **raw})
+    params = GenerationConfig(**{"temperature": 1.0, "top_p": 1.0, **raw})
     n = int(g["prompt_len"])
     contexts = [(row[:n].tolist(), row[n:].tolist()) for row in g["ids"]]
     return g, params, contexts
@@ -47,7 +48,7 @@ def test_golden_cases_change_the_logits():
 
 def test_no_processors_leave_logits_alone():
     logits = np.ones((2, 5), np.float32)
-    assert process_logits(logits, SamplingParams(), None) is logits
+    assert process_logits(logits, GenerationConfig(), None) is logits
 
 
 @pytest.mark.parametrize("kwargs, word", [

@@ -47,7 +47,7 @@ def test_quick_start_makes_a_virtual_environment_before_pip():
 
 def test_documented_names_are_exported():
     import llama2np
-    from llama2np.generation import decode as generation
+    from llama2np.generation import request as generation
 
     assert llama2np.ContextLengthWarning is generation.ContextLengthWarning
     assert llama2np.Completion is generation.Completion and "prompt_ids" in README

@@ -14,9 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError, Llama2npError
+from ..errors import InputError, Llama2npError, TokenizerError
 from ..generation.chat import check_content, fit_dialog
-from ..generation.sampling import check_processors, check_sampling
+from ..generation.config import GenerationConfig
 from .io import check_output_path, check_streams, check_utf8, stdin_keeps_bad_bytes, write_atomically
 from .parser import PROG, build_parser
 from .serve import cmd_serve
@@ -83,9 +83,10 @@ def load_model(args, text: bool = True, ids_flag: str | None = None):
     model = Llama2.from_pretrained(path, dtype=args.dtype, tokenizer_path=args.tokenizer,
                                    max_seq_len=args.max_seq_len, quantize=args.quantize,
                                    tensor_parallel=args.tensor_parallel, ray_address=args.ray_address)
-    model.tokenizer_hint = "pass --tokenizer PATH" + (f", or give {ids_flag}" if ids_flag else "")
-    if text:
-        model.tokenizer  # noqa: B018  (raises TokenizerError naming where it looked)
+    if text and not model.has_tokenizer:
+        where = ", ".join(str(p) for p in model.tokenizer_candidates) or "nowhere"
+        raise TokenizerError(f"no tokenizer for this model (looked for {where}); pass --tokenizer PATH"
+                             + (f", or give {ids_flag}" if ids_flag else ""))
     return model
 
 
@@ -108,31 +109,23 @@ def _logit_bias(specs: Sequence[str] | None) -> dict[int, float] | None:
     return bias
 
 
-def _sampling_kwargs(args) -> dict:
-    """The generate/chat keyword arguments the sampling options give."""
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-                logit_bias=_logit_bias(args.logit_bias), prompt_lookup=args.prompt_lookup,
-                draft_model=args.draft_model, num_draft=args.num_draft)
-
-
-def _checked_sampling_kwargs(args) -> dict:
-    """_sampling_kwargs, checked before any model is loaded (a bad flag should not wait for a 7B load)."""
-    kw = _sampling_kwargs(args)
-    check_sampling(kw["temperature"], kw["top_p"], kw["top_k"], kw["max_new_tokens"])
-    check_processors(kw["min_p"], kw["repetition_penalty"], kw["frequency_penalty"], kw["presence_penalty"],
-                     kw["logit_bias"])
-    return kw
+def _config(args, **extra) -> GenerationConfig:
+    """The generation options the flags give, checked before any model is loaded (a bad flag should not
+    wait for a 7B load)."""
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                            presence_penalty=args.presence_penalty, logit_bias=_logit_bias(args.logit_bias),
+                            prompt_lookup=args.prompt_lookup, num_draft=args.num_draft, **extra)
 
 
 def cmd_generate(args) -> int:
     check_utf8(args.prompt, "--prompt")
     for s in args.stop or []:
         check_utf8(s, "--stop")
-    sampling = _checked_sampling_kwargs(args)
+    config = _config(args, stop=args.stop)
     model = load_model(args)
-    stream = model.generate(args.prompt, stop=args.stop, stream=True, **sampling)
+    stream = model.generate(args.prompt, stream=True, config=config, draft_model=args.draft_model)
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
@@ -149,7 +142,7 @@ def cmd_chat(args) -> int:
     if args.system is not None:
         check_utf8(args.system, "--system")
     stdin_keeps_bad_bytes()
-    sampling = _checked_sampling_kwargs(args)
+    config = _config(args)
     model = load_model(args)
     if model.source is not None and Path(model.source).parts[-2:] == ("weights", "demo"):
         _say("the demo model tells stories; it is not a chat model, so its answers will not follow the "
@@ -179,7 +172,7 @@ def cmd_chat(args) -> int:
             check_content(user, "the message")
             kept, _ = fit_dialog(model.tokenizer, messages + [{"role": "user", "content": user}],
                                  model.args.max_seq_len)
-            stream = model.chat(kept, stream=True, **sampling)
+            stream = model.chat(kept, stream=True, config=config, draft_model=args.draft_model)
         except InputError as e:
             _say(f"{e} (message not sent; the chat goes on)")
             continue
@@ -214,7 +207,7 @@ def cmd_perplexity(args) -> int:
 
     text = _read_text(args.file)
     model = load_model(args)
-    result = perplexity(model.model, model.tokenizer.encode(text), args.window, args.stride)
+    result = perplexity(model.model, model.tokenizer.encode(text), args.window, args.stride, model.progress)
     print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
           f"({result.nll:.4f} nats/token)")
     _say(f"{result.tokens_per_s:.1f} tokens/s ({result.seconds:.2f} s)")
@@ -260,7 +253,7 @@ def cmd_compare(args) -> int:
         print(json.dumps({"reference": label, "results": summaries(results)}, indent=1))
         return 0
     if not args.summary_only:
-        decode = reference._tokenizer.sp.IdToPiece if reference._tokenizer is not None else None
+        decode = reference.tokenizer.id_to_piece if reference.has_tokenizer else None
         for c in results.values():
             print("\n".join(format_positions(c, decode)), end="\n\n")
     print(format_summary(results, label))

@@ -15,26 +15,51 @@ Chen et al. 2023). Draft token j is accepted, left to right:
 Every step then yields one more token than it accepted: the correction, or
 after a fully accepted draft the model's own next token (the pass computed its
 logits anyway). Rejected positions stay in the cache as stale entries that the
-next pass overwrites (see ``prefix_cache``). With no drafter every step is one
-position: plain decoding.
+next pass overwrites (see ``prefix_cache``).
+
+The interface: a drafter's ``propose`` returns a ``Draft``; ``verify`` returns a
+``Verdict``, the tokens to append. The decode loop (``decode.Decoder``) owns the
+cache, the request and the stats; nothing here changes them.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Iterator, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from ..checks import is_int
 from ..errors import InputError
 from ..model.transformer import Transformer
+from .config import GenerationConfig
 from .prefix_cache import PrefixCache
-from .sampling import SamplingParams, draw, filtered_probs, log_softmax, process_logits
+from .sampling import draw, filtered_probs, greedy, process_scores
 
 # 3 drafts = a pass over 4 positions, which costs what a pass over one costs for 7B bf16 on a
 # 2-core machine (scripts/bench/bench.py --speculative positions); 8 positions cost 2.4 times as much.
 DEFAULT_NUM_DRAFT = 3
+
+
+class Draft(NamedTuple):
+    """Proposed next tokens, and for a sampled draft the distributions they were drawn from."""
+
+    ids: list[int]
+    q: np.ndarray | None  # (len(ids), vocab), or None: each token a point mass (q(x) = 1)
+
+
+class Verdict(NamedTuple):
+    """What the model's check of a draft gives: the tokens to append, and how many were drafts."""
+
+    tokens: list[int]  # accepted draft tokens, then one more (the correction or the model's next)
+    accepted: int
+
+
+class Drafter(Protocol):
+    def room(self, n: int) -> int:
+        """How many tokens it can still draft after a sequence of n."""
+
+    def propose(self, ids: Sequence[int], k: int, config: GenerationConfig, rng: np.random.Generator,
+                prompt: Sequence[int], new_ids: Sequence[int]) -> Draft:
+        """Up to k tokens to follow ``ids`` (= prompt + new_ids)."""
 
 
 class PromptLookup:
@@ -46,13 +71,12 @@ class PromptLookup:
     def room(self, n: int) -> int:
         return n  # no limit of its own
 
-    def propose(self, ids: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator,
-                prompt: Sequence[int], new_ids: Sequence[int]) -> tuple[list[int], np.ndarray | None]:
+    def propose(self, ids, k, config, rng, prompt, new_ids) -> Draft:
         """Up to k draft ids after ``ids``, and None for q: a copied token is a point mass."""
         seq = np.asarray(ids, dtype=np.int64)
         ends = np.flatnonzero(seq[:-1] == seq[-1])  # earlier occurrences of the last token
         if ends.size == 0:
-            return [], None
+            return Draft([], None)
         # how far back (up to max_ngram) each occurrence matches the sequence's end
         matched = np.ones(ends.size, dtype=np.int64)
         alive = np.ones(ends.size, dtype=bool)
@@ -62,7 +86,7 @@ class PromptLookup:
             alive[alive] = seq[before[alive]] == seq[-1 - back]
             matched += alive
         at = int(ends[np.flatnonzero(matched == matched.max())[-1]]) + 1  # longest match, latest of those
-        return seq[at:at + k].tolist(), None
+        return Draft(seq[at:at + k].tolist(), None)
 
 
 class DraftModel:
@@ -75,29 +99,25 @@ class DraftModel:
     def room(self, n: int) -> int:
         return self.prefix.max_seq_len - n + 1  # the last draft token is never fed to the draft model
 
-    def propose(self, ids, k, params, rng, prompt, new_ids):
+    def propose(self, ids, k, config, rng, prompt, new_ids) -> Draft:
         """k draft ids and, when sampling, q: the (k, vocab) distributions they were drawn from."""
         draft, qs = [], []
         for _ in range(k):
-            seq = list(ids) + draft
-            _, logits = self.prefix.forward(seq)
-            z = process_logits(logits[-1:], params, [(prompt, list(new_ids) + draft)])  # (1, vocab)
-            if params.greedy:
-                draft.append(int(np.argmax(z[0])))
+            _, logits = self.prefix.forward(list(ids) + draft)  # the last position's logits are the last row
+            x, e = process_scores(logits[-1:], config, [(prompt, list(new_ids) + draft)])  # (1, vocab)
+            if config.greedy:
+                draft.append(int(greedy(x)[0]))
             else:
-                q = filtered_probs(z, params)  # (1, vocab)
+                q = filtered_probs(x, config, e)  # (1, vocab)
                 draft.append(int(draw(q, [rng])[0]))
                 qs.append(q[0])
-        return draft, (np.stack(qs) if qs else None)
+        return Draft(draft, np.stack(qs) if qs else None)
 
 
-def make_drafter(prompt_lookup: int | None, draft_model: Transformer | None, num_draft: int | None,
-                 target: Transformer, draft_prefix: PrefixCache | None = None):
-    """(drafter or None, K) from generate's arguments, or InputError naming the bad one."""
-    if prompt_lookup is not None and (not is_int(prompt_lookup) or prompt_lookup < 1):
-        raise InputError(f"prompt_lookup must be an n-gram length >= 1 (or None), got {prompt_lookup!r}")
-    if num_draft is not None and (not is_int(num_draft) or num_draft < 1):
-        raise InputError(f"num_draft must be an integer >= 1, got {num_draft!r}")
+def make_drafter(config: GenerationConfig, draft_model: Transformer | None, target: Transformer,
+                 draft_prefix: PrefixCache | None = None) -> tuple[Drafter | None, int]:
+    """(drafter or None, K) from the options and the draft model, or InputError naming the bad one."""
+    prompt_lookup, num_draft = config.prompt_lookup, config.num_draft
     if prompt_lookup is not None and draft_model is not None:
         raise InputError("choose one drafter: prompt_lookup or draft_model, not both")
     if draft_model is not None:
@@ -112,76 +132,40 @@ def make_drafter(prompt_lookup: int | None, draft_model: Transformer | None, num
     return None, 0
 
 
-def decode_row(row, params: SamplingParams, rng: np.random.Generator, stats, prefix: PrefixCache,
-               drafter=None, num_draft: int = 0) -> Iterator[list[tuple[int, str]]]:
-    """Generate for one ``generation._Row`` through ``prefix``; after each pass yield [(0, new text)]."""
-    if row.done:
-        return
-    ids = list(row.prompt)
-    t0 = time.perf_counter()
-    start, logits = prefix.forward(ids)  # the prompt past what the cache already holds
-    stats.prompt_tokens += len(ids) - start
-    stats.cached_tokens += start
-    stats.forward_passes += 1
-    text, _, made = _emit(row, params, rng, logits[-1:], [], None)
-    stats.new_tokens += made
-    stats.prompt_seconds += time.perf_counter() - t0
-    yield [(0, text)]
-    while not row.done:
-        t0 = time.perf_counter()
-        ids = row.prompt + row.new_ids  # its last token is not in the cache yet
-        n = len(ids)
-        k = min(num_draft, row.max_new_tokens - len(row.new_ids) - 1, row.context_len - n - 1,
-                prefix.max_seq_len - n)
-        draft, q = [], None
-        if drafter is not None and k > 0:
-            draft, q = drafter.propose(ids, min(k, drafter.room(n)), params, rng, row.prompt, row.new_ids)
-        _, logits = prefix.forward(ids + draft, reuse_upto=n - 1)  # (len(draft) + 1, vocab)
-        text, accepted, made = _emit(row, params, rng, logits, draft, q)
-        stats.forward_passes += 1
-        stats.drafted += len(draft)
-        stats.accepted += accepted
-        stats.new_tokens += made
-        stats.decode_steps += made
-        stats.new_seconds += time.perf_counter() - t0
-        yield [(0, text)]
-
-
 def accept(p_x: float, q_x: float, rng: np.random.Generator) -> bool:
     """Keep a draft token with probability min(1, p(x) / q(x)) (one uniform number)."""
     return bool(rng.random() * q_x < p_x)
 
 
-def _emit(row, params: SamplingParams, rng: np.random.Generator, logits: np.ndarray, draft: list[int],
-          q: np.ndarray | None) -> tuple[str, int, int]:
-    """Accept draft tokens against (len(draft) + 1, vocab) logits, then one more; push them into ``row``.
+def verify(logits: np.ndarray, draft: Draft, config: GenerationConfig, rng: np.random.Generator,
+           prompt: Sequence[int], new_ids: Sequence[int]) -> Verdict:
+    """Check a draft against the model's (len(draft) + 1, vocab) logits at its positions, left to right.
 
-    Returns (printable text, draft tokens accepted, tokens pushed).
+    Position j's logits are processed with new_ids + draft[:j] as the tokens so far. An
+    empty draft gives one token chosen as plain decoding chooses it.
     """
-    text, n_accepted = "", 0
-    for j in range(len(logits)):
-        z = process_logits(logits[j:j + 1], params, [(row.prompt, row.new_ids)])  # (1, vocab)
-        if params.greedy:
-            token = int(np.argmax(z[0]))
-            accepted = bool(j < len(draft) and token == draft[j])
+    tokens: list[int] = []
+    for j in range(len(draft.ids) + 1):
+        x, e = process_scores(logits[j:j + 1], config, [(prompt, list(new_ids) + tokens)])  # (1, vocab)
+        accepted = False
+        if config.greedy:
+            token = int(greedy(x)[0])
+            accepted = j < len(draft.ids) and token == draft.ids[j]
         else:
-            p = filtered_probs(z, params)[0]  # (vocab,)
-            accepted = False
-            if j < len(draft):
-                x = draft[j]
-                qx = 1.0 if q is None else q[j, x]
-                accepted = accept(p[x], qx, rng)
+            p = filtered_probs(x, config, e)[0]  # (vocab,)
+            if j < len(draft.ids):
+                token = draft.ids[j]
+                accepted = accept(p[token], 1.0 if draft.q is None else draft.q[j, token], rng)
                 if not accepted:  # draw from max(0, p - q), renormalised
                     residual = p.copy()
-                    if q is None:
-                        residual[x] = 0.0
+                    if draft.q is None:
+                        residual[token] = 0.0
                     else:
-                        residual = np.maximum(residual - q[j], 0.0)
+                        residual = np.maximum(residual - draft.q[j], 0.0)
                     p = residual / residual.sum() if residual.sum() > 0 else p
-            token = x if accepted else int(draw(p[None], [rng])[0])
-        lp = float(log_softmax(logits[j])[token]) if row.logprobs is not None else None
-        text += row.push(token, lp)
-        n_accepted += accepted
-        if row.done or not accepted:
+            if not accepted:
+                token = int(draw(p[None], [rng])[0])
+        tokens.append(token)
+        if not accepted:
             break
-    return text, n_accepted, j + 1
+    return Verdict(tokens, len(tokens) - 1)  # the last token is never an accepted draft token

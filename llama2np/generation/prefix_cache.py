@@ -48,25 +48,28 @@ class PrefixCache:
     def max_seq_len(self) -> int:
         return self.cache.max_seq_len
 
-    def forward(self, ids: Sequence[int], reuse_upto: int | None = None) -> tuple[int, np.ndarray]:
+    def forward(self, ids: Sequence[int], reuse_upto: int | None = None,
+                progress: bool | None = None) -> tuple[int, np.ndarray]:
         """Run the model over ``ids`` past the part already cached: (start, (len(ids) - start, vocab) logits).
 
         start = the shared prefix, at most len(ids) - 1 (so there are logits for the
-        last position) and at most ``reuse_upto``.
+        last position) and at most ``reuse_upto``. Row i of the logits is position
+        start + i: a caller that wants position p reads row p - start. progress: bars
+        on long prefills (see ``progress.enabled``).
         """
         start = min(common_prefix(self.ids, ids), len(ids) - 1)
         if reuse_upto is not None:
             start = min(start, reuse_upto)
         on_layer = None  # a progress bar for long or first prefills only, never for decode / verify steps
         if len(ids) - start > 64 or not self.ids:
-            on_layer = layer_callback(self.model.args.n_layers, len(ids) - start, getattr(self.model, "progress", None))
+            on_layer = layer_callback(self.model.args.n_layers, len(ids) - start, progress)
         # positions >= start are about to change: forget them first, in case the forward is interrupted
         self.ids, self._n_logits = self.ids[:start], min(self._n_logits, start)
         logits = self.model.forward(np.asarray(ids[start:], dtype=np.int64)[None], start, self.cache, on_layer)[0]
         self.ids = [int(t) for t in ids]
         return start, logits
 
-    def all_logits(self, ids: Sequence[int]) -> tuple[int, np.ndarray]:
+    def all_logits(self, ids: Sequence[int], progress: bool | None = None) -> tuple[int, np.ndarray]:
         """(reused positions, logits of every position of ``ids``: (seq, vocab)), computing only the new ones."""
         start = min(common_prefix(self.ids, ids), self._n_logits)
         if start == len(ids):  # all of it seen before
@@ -78,7 +81,7 @@ class PrefixCache:
             if start:
                 grown[:start] = self._logits[:start]
             self._logits = grown
-        _, new = self.forward(ids, reuse_upto=start)
+        _, new = self.forward(ids, reuse_upto=start, progress=progress)
         self._logits[start:len(ids)] = new
         self._n_logits = len(ids)
         return start, self._logits[:len(ids)].copy()

@@ -21,72 +21,42 @@ drawn per row with that row's ``numpy.random.Generator``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..checks import is_int, is_number
-from ..errors import InputError
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: Mapping[int, float] | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        check_sampling(self.temperature, self.top_p, self.top_k)
-        check_processors(self.min_p, self.repetition_penalty, self.frequency_penalty, self.presence_penalty,
-                         self.logit_bias)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def check_sampling(temperature, top_p, top_k, max_new_tokens=0) -> None:
-    """Raise InputError naming the first bad sampling argument."""
-    if not is_number(temperature) or not temperature >= 0 or not np.isfinite(temperature):
-        raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if not is_number(top_p) or not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1):
-        raise InputError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-    if (not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool)
-            or max_new_tokens < 0):
-        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-
-
-def check_processors(min_p=0.0, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
-                     logit_bias=None, vocab_size: int | None = None) -> None:
-    """Raise InputError naming the first bad penalty, min_p or logit_bias."""
-    if not is_number(min_p) or not 0 <= min_p <= 1:
-        raise InputError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
-    if not is_number(repetition_penalty) or not 0 < repetition_penalty < np.inf:
-        raise InputError(f"repetition_penalty must be a number > 0 (1 = off), got {repetition_penalty!r}")
-    for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
-        if not is_number(value) or not np.isfinite(value):
-            raise InputError(f"{name} must be a finite number (0 = off; OpenAI uses -2..2), got {value!r}")
-    if logit_bias is None:
-        return
-    if not isinstance(logit_bias, Mapping):
-        raise InputError(f"logit_bias must be a dict of token id -> added logit, got {type(logit_bias).__name__}")
-    for token, bias in logit_bias.items():
-        if not is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
-            where = f" [0, {vocab_size})" if vocab_size is not None else " (an int >= 0)"
-            raise InputError(f"logit_bias key {token!r} is not a token id in the vocabulary{where}")
-        if not is_number(bias) or np.isnan(bias) or bias == np.inf:
-            raise InputError(f"logit_bias[{token}] must be a finite number or -inf (ban), got {bias!r}")
+from ..errors import CheckpointError, InputError
 
 
 # --- logits processors: (batch, vocab) logits + each row's tokens so far -> adjusted logits -----
+
+
+# --- logits processors ------------------------------------------------------------------
+#
+# A processor maps (batch, vocab) scores and each row's tokens so far to new scores. The
+# scores are kept as x * 2**e, x float64 and e one integer exponent per row, so no formula
+# overflows: a repetition_penalty of 1e-320 divides logits into the 1e320s, a frequency_penalty
+# of -1e308 adds 2e308 to a twice-seen token. Where a result would pass float64's range, the
+# row's x is halved as often as needed first (e grows); the tokens that matter then are the
+# huge ones, and the small ones lose only precision nobody can see once those are exponentiated.
+# Softmax, argmax and the filters below use x and e exactly (``filtered_probs``).
+
+_TOP = 1020  # largest log2 |x| a step may produce (float64 reaches 2**1024), with room for one addition
+
+
+def _log2_abs(a: np.ndarray) -> np.ndarray:
+    """log2 |a| for finite entries, -inf elsewhere (0, and -inf bans, bound nothing)."""
+    with np.errstate(divide="ignore"):
+        return np.where(np.isfinite(a), np.log2(np.abs(a)), -np.inf)
+
+
+def _make_room(x: np.ndarray, e: np.ndarray, log2_bound: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Halve rows (x *= 2**-k, e += k) so that results of per-row size 2**log2_bound fit float64."""
+    k = np.where(np.isfinite(log2_bound), np.ceil(log2_bound) - _TOP, 0).clip(0).astype(np.int64)  # (batch,)
+    if k.any():
+        x = np.ldexp(x, -k[:, None])
+        e = e + k
+    return x, e
 
 
 class LogitBias:
@@ -96,9 +66,11 @@ class LogitBias:
         self.ids = np.array(list(bias), dtype=np.int64)
         self.values = np.array(list(bias.values()), dtype=np.float64)
 
-    def __call__(self, logits: np.ndarray, seen: Sequence[np.ndarray], new: Sequence[np.ndarray]) -> np.ndarray:
-        logits[:, self.ids] += self.values
-        return logits
+    def __call__(self, x, e, seen, new):
+        bound = np.maximum(_log2_abs(x[:, self.ids]).max(-1), _log2_abs(self.values).max() - e) + 1
+        x, e = _make_room(x, e, bound)
+        x[:, self.ids] += np.ldexp(self.values[None], -e[:, None])
+        return x, e
 
 
 class RepetitionPenalty:
@@ -107,12 +79,15 @@ class RepetitionPenalty:
     def __init__(self, penalty: float):
         self.penalty = penalty
 
-    def __call__(self, logits, seen, new):
-        for row, ids in enumerate(seen):
-            ids = np.unique(ids)
-            x = logits[row, ids]
-            logits[row, ids] = np.where(x < 0, x * self.penalty, x / self.penalty)
-        return logits
+    def __call__(self, x, e, seen, new):
+        spread = abs(np.log2(self.penalty))  # x / penalty or x * penalty grows |x| by at most this
+        ids = [np.unique(s) for s in seen]
+        bound = np.array([_log2_abs(x[row, i]).max(initial=-np.inf) for row, i in enumerate(ids)]) + spread
+        x, e = _make_room(x, e, bound)
+        for row, i in enumerate(ids):
+            v = x[row, i]
+            x[row, i] = np.where(v < 0, v * self.penalty, v / self.penalty)
+        return x, e
 
 
 class FrequencyPresencePenalty:
@@ -121,44 +96,77 @@ class FrequencyPresencePenalty:
     def __init__(self, frequency: float, presence: float):
         self.frequency, self.presence = frequency, presence
 
-    def __call__(self, logits, seen, new):
-        for row, ids in enumerate(new):
-            counts = np.bincount(np.asarray(ids, dtype=np.int64), minlength=logits.shape[-1])
-            logits[row] -= self.frequency * counts + self.presence * (counts > 0)
-        return logits
+    def __call__(self, x, e, seen, new):
+        counts = np.stack([np.bincount(np.asarray(n, dtype=np.int64), minlength=x.shape[-1]) for n in new])
+        most = counts.max(-1)  # (batch,)
+        with np.errstate(divide="ignore"):
+            amount = np.logaddexp2(_log2_abs(np.float64(self.frequency)) + np.log2(np.maximum(most, 1)),
+                                   _log2_abs(np.float64(self.presence))) + 1
+        bound = np.where(most > 0, np.maximum(_log2_abs(x).max(-1), amount - e), -np.inf) + 1
+        x, e = _make_room(x, e, bound)
+        f, p = np.ldexp(self.frequency, -e)[:, None], np.ldexp(self.presence, -e)[:, None]
+        x -= f * counts + p * (counts > 0)
+        return x, e
 
 
-def logits_processors(params: SamplingParams) -> list:
-    """The processors ``params`` asks for, in HF's order (an empty list when none)."""
+def logits_processors(config) -> list:
+    """The processors ``config`` asks for, in HF's order (an empty list when none)."""
     procs = []
-    if params.logit_bias:
-        procs.append(LogitBias(params.logit_bias))
-    if params.repetition_penalty != 1.0:
-        procs.append(RepetitionPenalty(float(params.repetition_penalty)))
-    if params.frequency_penalty or params.presence_penalty:
-        procs.append(FrequencyPresencePenalty(float(params.frequency_penalty), float(params.presence_penalty)))
+    if config.logit_bias:
+        procs.append(LogitBias(config.logit_bias))
+    if config.repetition_penalty != 1.0:
+        procs.append(RepetitionPenalty(float(config.repetition_penalty)))
+    if config.frequency_penalty or config.presence_penalty:
+        procs.append(FrequencyPresencePenalty(float(config.frequency_penalty), float(config.presence_penalty)))
     return procs
 
 
-def process_logits(logits: np.ndarray, params: SamplingParams,
-                   contexts: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None) -> np.ndarray:
-    """Apply ``params``' processors: (batch, vocab) logits -> (batch, vocab) float64.
+def process_scores(logits: np.ndarray, config,
+                   contexts: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``config``'s processors: (batch, vocab) logits -> (x (batch, vocab), e (batch,)), scores x * 2**e.
 
-    contexts: per row, (prompt ids, new ids so far). Without processors the
-    logits come back unchanged (not copied, not widened).
+    contexts: per row, (prompt ids, new ids so far). Without processors x is the
+    logits themselves (not copied, not widened) and e is 0. Logits that are not
+    finite (the model's numbers broke) are a ``CheckpointError``: no parameter can mend them.
     """
-    procs = logits_processors(params)
+    logits = np.asarray(logits)
+    if not np.isfinite(logits).all():
+        raise CheckpointError("the model's logits hold NaN or inf (its weights, or the compute dtype, "
+                              "overflowed); nothing can be sampled from them")
+    e = np.zeros(len(logits), dtype=np.int64)
+    procs = logits_processors(config)
     if not procs:
-        return logits
+        return logits, e
     if contexts is None or len(contexts) != len(logits):
         raise ValueError("the penalties need each row's (prompt ids, new ids)")
     new = [np.asarray(n, dtype=np.int64) for _, n in contexts]
     seen = [np.concatenate([np.asarray(p, dtype=np.int64), n]) for (p, _), n in zip(contexts, new)]
     x = np.array(logits, dtype=np.float64)  # a copy: the caller's logits stay as they were
     for proc in procs:
-        x = proc(x, seen, new)
-    return x
+        x, e = proc(x, e, seen, new)
+    return x, e
 
+
+def process_logits(logits: np.ndarray, config,
+                   contexts: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None) -> np.ndarray:
+    """The processed logits as plain numbers (beyond float64's range they print as +-inf)."""
+    x, e = process_scores(logits, config, contexts)
+    if not e.any():
+        return x
+    with np.errstate(over="ignore"):
+        return np.ldexp(x, e[:, None])
+
+
+def greedy(x: np.ndarray) -> np.ndarray:
+    """argmax of processed scores (the first of equals), (batch, vocab) -> (batch,); InputError if all banned."""
+    _check_not_all_banned(x)
+    return np.argmax(x, axis=-1).astype(np.int64)
+
+
+def _check_not_all_banned(x: np.ndarray) -> None:
+    if (x.max(axis=-1) == -np.inf).any():
+        raise InputError("logit_bias bans every token (-inf on all of them): there is nothing to choose from")
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """log p over the last axis, computed in float64."""
@@ -167,32 +175,43 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """The distribution sampling draws from: (batch, vocab) logits -> (batch, vocab) probabilities.
+def filtered_probs(logits: np.ndarray, config, exponent: np.ndarray | None = None) -> np.ndarray:
+    """The distribution sampling draws from: (batch, vocab) scores -> (batch, vocab) probabilities.
 
-    Zero outside the top-k / top-p / min-p set, renormalised inside it. Float64,
-    so a row's result does not depend on which batch it is in. The logits are
-    those after ``process_logits``.
+    softmax(logits * 2**exponent / temperature), zero outside the top-k / top-p /
+    min-p set and renormalised inside it; float64, so a row's result does not
+    depend on which batch it is in. The scores are those of ``process_scores``
+    (exponent None: 0). The likeliest score is subtracted before anything is
+    scaled, so no step overflows: a temperature so small that logits / temperature
+    passes float64's range leaves the likeliest tokens, equally likely (greedy's
+    limit), and every other probability is exactly 0. Every row sums to 1.
     """
-    probs = np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / params.temperature))
+    x = np.asarray(logits, dtype=np.float64)
+    _check_not_all_banned(x)
+    with np.errstate(over="ignore", under="ignore"):
+        z = (x - x.max(axis=-1, keepdims=True)) / config.temperature  # <= 0; 0 at the likeliest tokens
+        if exponent is not None and np.any(exponent):
+            z = np.ldexp(z, np.asarray(exponent, dtype=np.int64)[:, None])
+        probs = np.exp(z)
+    probs /= probs.sum(axis=-1, keepdims=True)  # the sum is >= 1: the likeliest tokens have exp(0)
     order = np.argsort(-probs, axis=-1, kind="stable")  # most likely first
     sorted_p = np.take_along_axis(probs, order, axis=-1)
-    if params.top_k is not None:
-        sorted_p[:, params.top_k:] = 0.0
+    if config.top_k is not None:
+        sorted_p[:, config.top_k:] = 0.0
         sorted_p /= sorted_p.sum(axis=-1, keepdims=True)
-    if params.top_p < 1.0:
+    if config.top_p < 1.0:
         before = np.cumsum(sorted_p, axis=-1) - sorted_p  # mass of the more likely tokens
-        sorted_p[before > params.top_p] = 0.0  # the most likely token always has before == 0
+        sorted_p[before > config.top_p] = 0.0  # Meta's rule (strict >); the likeliest has before == 0
         sorted_p /= sorted_p.sum(axis=-1, keepdims=True)
-    if params.min_p > 0.0:  # after top-k/top-p, as HF; sorted_p[:, 0] is the likeliest token
-        sorted_p[sorted_p < params.min_p * sorted_p[:, :1]] = 0.0
+    if config.min_p > 0.0:  # after top-k/top-p, as HF; sorted_p[:, 0] is the likeliest token
+        sorted_p[sorted_p < config.min_p * sorted_p[:, :1]] = 0.0
         sorted_p /= sorted_p.sum(axis=-1, keepdims=True)
     out = np.zeros_like(probs)
     np.put_along_axis(out, order, sorted_p, axis=-1)
     return out
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rngs: list[np.random.Generator],
+def sample(logits: np.ndarray, config, rngs: list[np.random.Generator],
            contexts: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None) -> np.ndarray:
     """One next token per row: (batch, vocab) logits -> (batch,) int64 ids.
 
@@ -200,11 +219,10 @@ def sample(logits: np.ndarray, params: SamplingParams, rngs: list[np.random.Gene
     Each row draws exactly one uniform number from its own generator (none when
     greedy), so a row's tokens are the same whatever else is in the batch.
     """
-    logits = process_logits(np.asarray(logits), params, contexts)
-    if params.greedy:
-        return np.argmax(logits, axis=-1).astype(np.int64)
-    return draw(filtered_probs(logits, params), rngs)
-
+    x, e = process_scores(logits, config, contexts)
+    if config.greedy:
+        return greedy(x)
+    return draw(filtered_probs(x, config, e), rngs)
 
 def draw(probs: np.ndarray, rngs: list[np.random.Generator]) -> np.ndarray:
     """One id per row from (batch, vocab) probabilities, one uniform number from each row's generator."""
@@ -216,22 +234,16 @@ def draw(probs: np.ndarray, rngs: list[np.random.Generator]) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def make_rngs(seed, batch_size: int) -> list[np.random.Generator]:
+def make_rngs(seed: int | Sequence[int] | None, batch_size: int) -> list[np.random.Generator]:
     """One generator per row: an int seed gives row i ``default_rng(seed + i)``; a list gives one each.
 
-    So prompt i of a batch samples exactly as it would alone with seed + i.
+    So prompt i of a batch samples exactly as it would alone with seed + i. The seeds are a
+    ``GenerationConfig``'s (checked there); only their count is checked here.
     """
     if seed is None:
         return [np.random.default_rng() for _ in range(batch_size)]
     if isinstance(seed, (list, tuple)):
         if len(seed) != batch_size:
             raise InputError(f"got {len(seed)} seeds for {batch_size} prompts")
-        seeds = list(seed)
-    else:
-        seeds = [seed + i if is_int(seed) else seed for i in range(batch_size)]
-    for s in seeds:
-        if not is_int(s) or s < 0:
-            raise InputError(f"seed must be an integer >= 0 (or None), got {s!r}")
-    return [np.random.default_rng(int(s)) for s in seeds]
-
-
+        return [np.random.default_rng(int(s)) for s in seed]
+    return [np.random.default_rng(int(seed) + i) for i in range(batch_size)]

@@ -208,8 +208,6 @@ class TransformerBlock:
 class Transformer:
     """The whole network. ``forward`` maps token ids to next-token logits."""
 
-    progress: bool | None = None  # bars on long prefills and perplexity runs: None = on a terminal or in a notebook
-
     def __init__(self, args: ModelArgs, params: Mapping[str, np.ndarray], dtype: str | np.dtype = "float32",
                  quantize: str | None = None):
         """``quantize``: None (weights as stored) or "int8" (weight-only, per-row scales)."""

@@ -58,13 +58,13 @@ def windows(n: int, window: int, stride: int) -> Iterator[tuple[int, int, int, i
 
 
 def perplexity(model: Transformer, ids: Sequence[int], window: int | None = None,
-               stride: int | None = None) -> PerplexityResult:
+               stride: int | None = None, progress: bool | None = None) -> PerplexityResult:
     """Score every token after the first given the ones before it (at most ``window`` of them).
 
     A text longer than the window is read in windows that start ``stride``
     tokens apart (default: half a window); each token is scored once, in the
     first window that holds it with the most context before it that the
-    stride allows.
+    stride allows. progress: a bar over the windows (None: on a terminal or in a notebook).
     """
     ids = np.asarray(list(ids), dtype=np.int64)
     window, stride = check_window(model, window, stride)
@@ -73,7 +73,7 @@ def perplexity(model: Transformer, ids: Sequence[int], window: int | None = None
     t0 = time.perf_counter()
     total = 0.0
     spans = list(windows(ids.size, window, stride))
-    for begin, end, first, last in bar(spans, desc="perplexity", unit="window", progress=model.progress):
+    for begin, end, first, last in bar(spans, desc="perplexity", unit="window", progress=progress):
         last = min(last, ids.size - 1)  # the last position predicts nothing
         logits = model.forward(ids[None, begin:end])[0]  # (end - begin, vocab): predicts ids[begin+1 : end+1]
         logp = log_softmax(logits[first - begin:last - begin])  # (last - first, vocab)
