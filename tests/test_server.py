@@ -6,10 +6,12 @@ Expected numbers come from a separate ``Llama2`` of the same checkpoint.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -208,16 +210,37 @@ def test_a_wrong_or_missing_key_gets_401_and_unknown_routes_404(served_demo):
     assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
 
 
-def test_a_client_that_goes_away_stops_its_work_and_the_server_goes_on(served_demo, client, reference):
-    from llama2np.server.engine import Options, Prompt
-    from llama2np.server.responses import CompletionWork
+def _worker_events(job, loop, until):
+    """Run ``loop`` until ``until(event)`` is true for an event of ``job``; that event."""
+    async def wait():
+        while True:
+            event = await job.events.get()
+            if until(event):
+                return event
+    return loop.run_until_complete(asyncio.wait_for(wait(), 30))
 
-    # the engine side: cancelled after the first piece, the generation ends there
-    pieces = []
-    work = CompletionWork([Prompt(reference.tokenizer.encode(PROMPT), PROMPT)],
-                          Options(400, 0.0, logit_bias={2: -np.inf}))  # EOS banned: it would run to the context
-    choices, _ = work.run(reference, lambda i, p: pieces.append(p), lambda: len(pieces) >= 1)
-    assert len(pieces) == 1 and choices == []
+
+def test_a_client_that_goes_away_stops_its_work_and_the_server_goes_on(served_demo, client, reference):
+    from llama2np.server.engine import Prompt, generation_config
+    from llama2np.server.responses import CompletionWork
+    from llama2np.server.worker import Job, Worker
+
+    # the engine side: cancelled after its first piece, the request leaves the decode loop at the next step
+    config = generation_config(400, 0.0, 1.0, None, 0.0, 1.0, 0.0, 0.0, {2: -np.inf}, None, [], 1024)  # no EOS
+    loop = asyncio.new_event_loop()
+    worker = Worker(reference, max_queue=4)
+    try:
+        job = Job(CompletionWork([Prompt(reference.tokenizer.encode(PROMPT), PROMPT)], config, 400), loop)
+        worker.submit(job)
+        _worker_events(job, loop, lambda e: e[0] == "piece")
+        job.cancel()
+        deadline = time.monotonic() + 30
+        while (worker.busy or not job.requests[0].done) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert job.requests[0].finish_reason == "cancelled" and len(job.requests[0].new_ids) < 400
+    finally:
+        worker.stop()
+        loop.close()
     # the HTTP side: a stream dropped after its first chunk
     body = {"model": "demo", "prompt": PROMPT, "max_tokens": 400, "stream": True, "logit_bias": {"2": -100}}
     with httpx.stream("POST", f"{served_demo}/v1/completions", json=body,
@@ -227,23 +250,21 @@ def test_a_client_that_goes_away_stops_its_work_and_the_server_goes_on(served_de
 
 
 def test_a_full_queue_refuses_at_once(reference):
-    import asyncio
-
     from llama2np.server.worker import Job, QueueFull, Worker
 
     release = threading.Event()
 
     class Blocking:
-        def run(self, model, emit, cancelled):
+        def start(self, engine, emit):
             release.wait(10)
-            return "done"
+            return []
 
     loop = asyncio.new_event_loop()
     worker = Worker(reference, max_queue=1)
     try:
-        worker.submit(Job(Blocking(), loop))  # runs (and blocks the engine thread)
-        while not worker.busy:
-            pass
+        worker.submit(Job(Blocking(), loop))  # taken by the engine thread, which it blocks
+        while worker.queue.qsize():
+            time.sleep(0.01)
         worker.submit(Job(Blocking(), loop))  # waits
         with pytest.raises(QueueFull, match="queue is full"):
             worker.submit(Job(Blocking(), loop))

@@ -127,9 +127,8 @@ def create_app(model: Llama2, model_id: str, api_key: str | None = None, max_que
 
         def prepare() -> CompletionWork:
             body.check_unsupported()
-            options = body.options(16)
-            options.check(model.args.vocab_size)
-            return CompletionWork(completion_prompts(model, body.prompt), options, body.echo,
+            config = body.config(model.args.vocab_size)
+            return CompletionWork(completion_prompts(model, body.prompt), config, body.max_tokens, body.echo,
                                   check_top(body.logprobs, "logprobs") if body.logprobs is not None else None)
 
         work = await run_in_threadpool(prepare)
@@ -152,13 +151,12 @@ def create_app(model: Llama2, model_id: str, api_key: str | None = None, max_que
         check_model(body.model)
 
         def prepare() -> ChatWork:
-            options = body.options(None)
-            options.check(model.args.vocab_size)
+            config = body.config(model.args.vocab_size)
             top = check_top(body.top_logprobs, "top_logprobs")
             if top and not body.logprobs:
                 raise InputError("top_logprobs needs logprobs: true")
             prompt = chat_prompt(model, [m.model_dump() for m in body.messages])
-            return ChatWork(prompt, options, body.logprobs, top)
+            return ChatWork(prompt, config, body.max_tokens, body.logprobs, top)
 
         work = await run_in_threadpool(prepare)
         head = _head("chatcmpl", "chat.completion", model_id)

@@ -1,9 +1,11 @@
-"""Where the server meets the engine: a checked request in, ``Llama2`` calls, tokens and log-probabilities out.
+"""Where the server meets the engine: a checked request in, the engine's decode loop, tokens and log-probabilities out.
 
 This is the only module of the server that calls the model. A request's options
-become an ``Options`` (checked before the request is queued, so a bad one is
-answered at once), its prompt becomes token ids, and ``generate`` runs one
-sequence through ``Llama2``'s generation, yielding the text as it is made.
+become a ``GenerationConfig`` (checked before the request is queued, so a bad one
+is answered at once), its prompts become token ids, and ``Engine`` runs them in
+the engine's ``Decoder``: requests join between steps and leave when they finish
+or their client goes away; the requests that start at the same step decode in
+lockstep (one forward per step for all of them).
 
 Log-probabilities are those OpenAI defines: log-softmax of the model's logits
 at temperature 1, whatever the sampling options, i.e. of exactly what
@@ -14,55 +16,55 @@ the returned text and ``text_offset`` points into it.
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..checks import is_int
-from ..errors import ContextLengthWarning, InputError
+from ..errors import InputError
 from ..generation.chat import dialog_tokens
-from ..generation.sampling import check_processors, check_sampling, log_softmax, make_rngs
+from ..generation.config import GenerationConfig
+from ..generation.decode import Decoder, Request
+from ..generation.generate import new_request
+from ..generation.sampling import log_softmax
 from ..llama import Llama2
 
 MAX_TOP_LOGPROBS = 20  # alternatives per position a request may ask for (OpenAI's chat limit)
 LOGSOFTMAX_ROWS = 256  # positions widened to float64 at a time (bounds the temporary to 256 x vocab)
+# Requests starting together decode in lockstep only when their prompts differ by at most this many
+# tokens: a longer prompt's extra tokens are fed one position per step, like decoding.
+LOCKSTEP_SPREAD = 16
 
 # the engine's reasons -> OpenAI's: the end-of-sequence token and a stop string both "stop"
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
 
 
-@dataclass(frozen=True)
-class Options:
-    """One request's generation options, in the engine's terms (OpenAI's defaults are the caller's)."""
+def generation_config(max_tokens: int | None, temperature, top_p, top_k, min_p, repetition_penalty,
+                      frequency_penalty, presence_penalty, logit_bias: Mapping[int, float] | None, seed,
+                      stop: Sequence[str], vocab_size: int) -> GenerationConfig:
+    """A request's options as the engine's checked ``GenerationConfig`` (InputError naming a bad one).
 
-    max_tokens: int | None  # None: up to the context length
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: Mapping[int, float] | None = field(default=None, compare=False)
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    max_tokens None: up to the context length (set per prompt by ``for_prompt``).
+    """
+    config = GenerationConfig(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                              presence_penalty=presence_penalty, logit_bias=logit_bias,
+                              max_new_tokens=0 if max_tokens is None else max_tokens, seed=seed, stop=stop,
+                              logprobs=True)
+    config.check_vocab(vocab_size)
+    return config
 
-    def check(self, vocab_size: int) -> None:
-        """InputError naming the first bad option (the engine's own checks and messages)."""
-        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 0):
-            raise InputError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
-        check_sampling(self.temperature, self.top_p, self.top_k)
-        check_processors(self.min_p, self.repetition_penalty, self.frequency_penalty, self.presence_penalty,
-                         self.logit_bias, vocab_size)
-        make_rngs(self.seed, 1)  # checks the seed
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InputError(f"stop must be a non-empty string or a list of them, got {list(self.stop)!r}")
 
-    def max_new_tokens(self, prompt_len: int, context_len: int) -> int:
-        room = max(0, context_len - prompt_len)
-        return room if self.max_tokens is None else min(self.max_tokens, room)
+def for_prompt(config: GenerationConfig, max_tokens: int | None, prompt_len: int, context_len: int,
+               index: int = 0) -> GenerationConfig:
+    """The config of prompt ``index`` of a request: seed + index (as a batch), max_tokens None = the room left."""
+    changes = {}
+    if max_tokens is None:
+        changes["max_new_tokens"] = max(0, context_len - prompt_len)
+    if config.seed is not None and index:
+        changes["seed"] = config.seed + index
+    return config.replace(**changes) if changes else config
 
 
 def logit_bias_ids(bias: Mapping[str, float] | None) -> dict[int, float] | None:
@@ -128,6 +130,43 @@ def chat_prompt(model: Llama2, messages) -> Prompt:
 # --- generation ----------------------------------------------------------------------------
 
 
+class Engine:
+    """The model's decode loop, fed from the server's engine thread (the only thread that touches the model)."""
+
+    def __init__(self, model: Llama2):
+        self.llama = model
+        self.decoder = Decoder(model.model, progress=False)
+
+    def request(self, prompt: Prompt, config: GenerationConfig, in_context: bool = True) -> Request:
+        """A request for ``prompt``: text continuing the prompt's (completions), or on its own (chat)."""
+        return new_request(self.llama.model, self.llama.tokenizer, prompt.ids, config, text_context=in_context,
+                           text_out=True)
+
+    def add(self, requests: list[Request]) -> None:
+        """Start requests at the next step: those with prompts of about the same length in lockstep.
+
+        One request alone, with nothing else running, decodes through the model's kept KV
+        cache, so a prompt that shares its start with the last one (a task's answer choices)
+        reuses those positions' keys and values.
+        """
+        requests = sorted(requests, key=lambda r: len(r.prompt))
+        idle = not self.decoder.running
+        while requests:
+            n = next((i for i, r in enumerate(requests) if len(r.prompt) - len(requests[0].prompt) > LOCKSTEP_SPREAD),
+                     len(requests))
+            group, requests = requests[:n], requests[n:]
+            kept = idle and len(group) == 1 and not requests
+            self.decoder.add(group, prefix=self.llama._kept_cache() if kept else None)
+
+    @property
+    def running(self) -> bool:
+        return bool(self.decoder.running)
+
+    def step(self) -> list[tuple[Request, str]]:
+        """One forward per group of running requests: (request, its newly printable text) for each that moved."""
+        return self.decoder.step()
+
+
 @dataclass
 class Generated:
     """One finished generation: the new ids and text, and OpenAI's finish reason."""
@@ -135,33 +174,10 @@ class Generated:
     ids: list[int]
     text: str
     finish_reason: str
-    stopped: bool = False  # cut short because the client went away
 
-
-def generate(model: Llama2, prompt: Prompt, options: Options, seed: int | None, in_context: bool = True,
-             cancelled: Callable[[], bool] = lambda: False) -> Iterator[str]:
-    """Generate after ``prompt``, yielding text pieces; the generator's return value is a ``Generated``.
-
-    in_context: the text continues the prompt's (completions); False decodes the answer on
-    its own (chat). ``cancelled`` is polled between steps and ends the generation early.
-    """
-    n_new = options.max_new_tokens(len(prompt.ids), model.args.max_seq_len)
-    with warnings.catch_warnings():  # reaching the context length is finish_reason "length", not a warning
-        warnings.simplefilter("ignore", ContextLengthWarning)
-        stream = model._generate(prompt.ids, max_new_tokens=n_new, temperature=options.temperature,
-                                 top_p=options.top_p, top_k=options.top_k, seed=seed, stop=list(options.stop),
-                                 logprobs=True, stream=True, text_context=in_context, text_out=True,
-                                 min_p=options.min_p, repetition_penalty=options.repetition_penalty,
-                                 frequency_penalty=options.frequency_penalty,
-                                 presence_penalty=options.presence_penalty, logit_bias=options.logit_bias)
-        pieces = []
-        for piece in stream:
-            pieces.append(piece)
-            yield piece
-            if cancelled():
-                return Generated([], "".join(pieces), "stop", stopped=True)
-    done = stream.completion
-    return Generated(list(done.ids), done.text, FINISH_REASONS[done.finish_reason])
+    @classmethod
+    def of(cls, request: Request) -> "Generated":
+        return cls(list(request.new_ids), request.text, FINISH_REASONS[request.finish_reason])
 
 
 # --- log-probabilities -------------------------------------------------------------------

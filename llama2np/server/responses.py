@@ -1,10 +1,11 @@
 """OpenAI's response objects, built from what ``engine`` returns; runs on the engine thread.
 
-A ``CompletionWork`` / ``ChatWork`` is a checked request. ``run`` generates each
-of its prompts in turn, calling ``emit(index, piece)`` with the text as it is
-made (what a stream sends), and returns the response's ``choices`` and
-``usage``. With ``echo`` the prompt's tokens come first in ``logprobs``, the
-first one's log-probability ``null`` (nothing predicts it), as OpenAI returns it.
+A ``CompletionWork`` / ``ChatWork`` is a checked request. ``start`` makes its
+engine requests (one per prompt; the text they make is streamed by the worker
+as choice ``index``), and once they are all done ``finish`` returns the
+response's ``choices`` and ``usage``. With ``echo`` the prompt's tokens come
+first in ``logprobs``, the first one's log-probability ``null`` (nothing
+predicts it), as OpenAI returns it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..generation.config import GenerationConfig
 from ..llama import Llama2
-from .engine import (Generated, Options, Prompt, Scores, generate, offsets, score, text_pieces, token_bytes,
+from .engine import (Engine, Generated, Prompt, Request, Scores, for_prompt, offsets, score, text_pieces, token_bytes,
                      token_text)
 
 Emit = Callable[[int, str], None]
@@ -22,20 +24,25 @@ Emit = Callable[[int, str], None]
 @dataclass
 class CompletionWork:
     prompts: list[Prompt]
-    options: Options
+    config: GenerationConfig
+    max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = None  # alternatives per position; None: no logprobs
 
-    def run(self, model: Llama2, emit: Emit, cancelled: Callable[[], bool]) -> tuple[list[dict], dict]:
+    def start(self, engine: Engine, emit: Emit) -> list[Request]:
+        model = engine.llama
+        self.prompt_texts = [p.text if p.text is not None else model.tokenizer.decode(p.ids) for p in self.prompts]
+        if self.echo:
+            for i, text in enumerate(self.prompt_texts):
+                emit(i, text)
+        context = model.args.max_seq_len
+        return [engine.request(p, for_prompt(self.config, self.max_tokens, len(p.ids), context, i))
+                for i, p in enumerate(self.prompts)]
+
+    def finish(self, model: Llama2, requests: list[Request]) -> tuple[list[dict], dict]:
         choices, usage = [], _usage()
-        for i, prompt in enumerate(self.prompts):
-            prompt_text = prompt.text if prompt.text is not None else model.tokenizer.decode(prompt.ids)
-            if self.echo:
-                emit(i, prompt_text)
-            seed = None if self.options.seed is None else self.options.seed + i  # prompt i: seed + i, as a batch
-            gen = yield_from(generate(model, prompt, self.options, seed, True, cancelled), i, emit)
-            if gen.stopped:
-                break
+        for i, (prompt, prompt_text, request) in enumerate(zip(self.prompts, self.prompt_texts, requests)):
+            gen = Generated.of(request)
             choices.append({"index": i, "text": (prompt_text if self.echo else "") + gen.text,
                             "logprobs": self._logprobs(model, prompt, gen, prompt_text),
                             "finish_reason": gen.finish_reason})
@@ -65,15 +72,17 @@ class CompletionWork:
 @dataclass
 class ChatWork:
     prompt: Prompt
-    options: Options
+    config: GenerationConfig
+    max_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
 
-    def run(self, model: Llama2, emit: Emit, cancelled: Callable[[], bool]) -> tuple[list[dict], dict]:
-        seed = self.options.seed
-        gen = yield_from(generate(model, self.prompt, self.options, seed, False, cancelled), 0, emit)
-        if gen.stopped:
-            return [], _usage()
+    def start(self, engine: Engine, emit: Emit) -> list[Request]:
+        config = for_prompt(self.config, self.max_tokens, len(self.prompt.ids), engine.llama.args.max_seq_len)
+        return [engine.request(self.prompt, config, in_context=False)]
+
+    def finish(self, model: Llama2, requests: list[Request]) -> tuple[list[dict], dict]:
+        gen = Generated.of(requests[0])
         choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
                   "logprobs": self._logprobs(model, gen) if self.logprobs else None,
                   "finish_reason": gen.finish_reason}
@@ -91,17 +100,6 @@ class ChatWork:
             entry["top_logprobs"] = [_chat_token(model, t, v) for t, v in top]
             content.append(entry)
         return {"content": content}
-
-
-def yield_from(steps, index: int, emit: Emit):
-    """Run a generator of text pieces to its end, emitting each piece; its return value."""
-    while True:
-        try:
-            piece = next(steps)
-        except StopIteration as end:
-            return end.value
-        if piece:
-            emit(index, piece)
 
 
 def _chat_token(model: Llama2, token: int, logprob: float) -> dict:

@@ -1,7 +1,7 @@
 """The request bodies the server accepts: OpenAI's field names and JSON types, plus llama2np's extra samplers.
 
 Types are strict (no "5" for 5, no true for 1); the values themselves are
-checked by the engine (``engine.Options.check``), whose messages the client
+checked by the engine (its ``GenerationConfig``), whose messages the client
 gets. Fields OpenAI defines that a request may send and that change nothing
 here (``user``, ``stream_options`` without usage...) are accepted; ones that
 would change the answer and are not implemented (``n`` > 1, ``best_of`` > 1,
@@ -15,7 +15,8 @@ from typing import Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from ..errors import InputError
-from .engine import Options, logit_bias_ids
+from ..generation.config import GenerationConfig
+from .engine import generation_config, logit_bias_ids
 
 Number = Union[StrictInt, StrictFloat]
 Stop = Union[StrictStr, list[StrictStr], None]
@@ -44,15 +45,16 @@ class _Request(BaseModel):
     min_p: Number = 0.0
     repetition_penalty: Number = 1.0
 
-    def options(self, default_max_tokens: int | None) -> Options:
+    def config(self, vocab_size: int) -> GenerationConfig:
+        """The engine's checked options (max_tokens None: up to the context length, per prompt)."""
         if self.n != 1:
             raise InputError(f"n must be 1 (one choice per prompt), got {self.n}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > MAX_STOP:
             raise InputError(f"stop takes at most {MAX_STOP} strings, got {len(stop)}")
-        return Options(default_max_tokens if self.max_tokens is None else self.max_tokens, self.temperature,
-                       self.top_p, self.top_k, self.min_p, self.repetition_penalty, self.frequency_penalty,
-                       self.presence_penalty, logit_bias_ids(self.logit_bias), self.seed, tuple(stop))
+        return generation_config(self.max_tokens, self.temperature, self.top_p, self.top_k, self.min_p,
+                                 self.repetition_penalty, self.frequency_penalty, self.presence_penalty,
+                                 logit_bias_ids(self.logit_bias), self.seed, stop, vocab_size)
 
     @property
     def include_usage(self) -> bool:
