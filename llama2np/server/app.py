@@ -54,7 +54,7 @@ def create_app(model: Llama2, model_id: str, api_key: str | None = None, max_que
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal worker
-        worker = Worker(model, max_queue)
+        worker = app.state.worker = Worker(model, max_queue)
         yield
         worker.stop()
 
@@ -75,8 +75,8 @@ def create_app(model: Llama2, model_id: str, api_key: str | None = None, max_que
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
                            param="model", code="model_not_found")
 
-    async def submit(work) -> Job:
-        job = Job(work, asyncio.get_running_loop())
+    async def submit(work, stream: bool) -> Job:
+        job = Job(work, asyncio.get_running_loop(), stream)
         try:
             worker.submit(job)
         except QueueFull as e:
@@ -133,7 +133,7 @@ def create_app(model: Llama2, model_id: str, api_key: str | None = None, max_que
 
         work = await run_in_threadpool(prepare)
         head = _head("cmpl", "text_completion", model_id)
-        job = await submit(work)
+        job = await submit(work, body.stream)
         if body.stream:
             def piece(i, text):
                 return {**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]}
@@ -160,7 +160,7 @@ def create_app(model: Llama2, model_id: str, api_key: str | None = None, max_que
 
         work = await run_in_threadpool(prepare)
         head = _head("chatcmpl", "chat.completion", model_id)
-        job = await submit(work)
+        job = await submit(work, body.stream)
         if body.stream:
             chunk = {**head, "object": "chat.completion.chunk"}
             first = [True]

@@ -31,8 +31,9 @@ class Job:
     """One request's work (``work.start(engine, emit)``, later ``work.finish(model, requests)``) and the
     channel its results come back on."""
 
-    def __init__(self, work, loop: asyncio.AbstractEventLoop):
-        self.work, self.loop = work, loop
+    def __init__(self, work, loop: asyncio.AbstractEventLoop, stream: bool = True):
+        """stream: send the text as it is made (else only the result: no wake-up of the loop per token)."""
+        self.work, self.loop, self.stream = work, loop, stream
         self.events: asyncio.Queue = asyncio.Queue()  # ("piece", index, text), ("done", result), ("error", exc)
         self._cancelled = threading.Event()
         self.requests: list[Request] = []  # its engine requests, once started
@@ -48,10 +49,14 @@ class Job:
     def send(self, *event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    def piece(self, index: int, text: str) -> None:
+        if self.stream and text and not self.cancelled:
+            self.send("piece", index, text)
+
     def start(self, engine: Engine) -> list[Request]:
         """The job's engine requests; a refused one reports its error and gives none."""
         try:
-            self.requests = self.work.start(engine, lambda i, piece: self.send("piece", i, piece))
+            self.requests = self.work.start(engine, self.piece)
         except Llama2npError as e:  # a request the engine refused: the client gets its message
             self.send("error", e)
             self.requests = []
@@ -124,8 +129,7 @@ class Worker:
                 continue
             for r, text in events:
                 job, index = owner[id(r)]
-                if text and not job.cancelled:
-                    job.send("piece", index, text)
+                job.piece(index, text)
             for job in [j for j in running if all(r.done for r in j.requests)]:
                 running.remove(job)
                 for r in job.requests:
