@@ -50,4 +50,38 @@ def _register_hypothesis_profiles() -> None:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+
+
+SERVER_KEY = "test-key"  # the API key of the session's server
+
+
+@pytest.fixture(scope="session")
+def served_demo():
+    """One llama2np server for the session: the demo model in float64, API key SERVER_KEY, an ephemeral port.
+
+    Yields its base URL (``http://127.0.0.1:PORT``). Needs the serve extra.
+    """
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import threading
+    import time
+
+    from llama2np import Llama2
+    from llama2np.server import bind, serve
+
+    model = Llama2.from_pretrained(REPO / "weights" / "demo", dtype="float64")
+    sock = bind("127.0.0.1", 0)
+    servers = []
+    thread = threading.Thread(target=serve, args=(model, sock), kwargs={"api_key": SERVER_KEY, "on_server": servers.append},
+                              daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (servers and servers[0].started) and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert servers and servers[0].started, "the server did not start"
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    servers[0].should_exit = True
+    thread.join(timeout=10)
+
+
 _register_hypothesis_profiles()

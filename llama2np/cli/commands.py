@@ -1,4 +1,4 @@
-"""The command line: ``python -m llama2np generate | chat | perplexity | logits | trace | compare | plan | quantize``.
+"""The command line: ``python -m llama2np generate | chat | perplexity | logits | trace | compare | plan | quantize | serve``.
 
 Text goes to stdout; what the program says about itself (which model, speed,
 warnings, errors) goes to stderr. Errors are one line and exit with status 2.
@@ -20,6 +20,7 @@ from ..generation.chat import check_content, fit_dialog
 from ..generation.config import GenerationConfig
 from .io import check_output_path, check_streams, check_utf8, stdin_keeps_bad_bytes, write_atomically
 from .parser import PROG, build_parser
+from .serve import cmd_serve
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_SUFFIXES = (".bin", ".pth", ".safetensors", ".gguf")
@@ -358,7 +359,8 @@ def cmd_trace(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "logits": cmd_logits,
-            "compare": cmd_compare, "plan": cmd_plan, "quantize": cmd_quantize, "trace": cmd_trace}
+            "compare": cmd_compare, "plan": cmd_plan, "quantize": cmd_quantize, "trace": cmd_trace,
+            "serve": lambda args: cmd_serve(args, load_model, _say)}
 
 
 def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -369,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: generate, chat, perplexity, logits, trace, compare, plan or quantize")
+        parser.error("choose a command: generate, chat, perplexity, logits, trace, compare, plan, quantize or serve")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _warn_one_line

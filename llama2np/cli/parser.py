@@ -184,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RAM of one machine, GiB, for the machines table (default: 24)")
     p.set_defaults(run="plan")
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP endpoint (pip install llama2np[serve])",
+                       description="Serve the model over HTTP with OpenAI's /v1/completions (echo, logprobs), "
+                                   "/v1/chat/completions and /v1/models; log-probabilities are the engine's own. "
+                                   "Listens on 127.0.0.1 unless --host says otherwise; no TLS (see docs/serve.md).")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to listen on (default: 127.0.0.1, "
+                   "this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="port (default: 8000; 0: a free one)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (default: $LLAMA2NP_API_KEY "
+                   "if set, else no key)")
+    p.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
+                   help="requests that may wait; more are refused with HTTP 429 (default: 64)")
+    _model_options(p)
+    p.set_defaults(run="serve")
+
     p = sub.add_parser("quantize", help="write an int8 copy of a checkpoint that loads in seconds",
                        description="Quantize every weight matrix of a checkpoint to int8 with one float32 scale "
                                    "per row (as --quantize int8 does at every load) and write the result to a new "

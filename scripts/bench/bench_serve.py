@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Throughput of ``llama2np serve`` with N concurrent clients (needs the serve extra and the openai client).
+
+    python scripts/bench/bench_serve.py                        # the demo model, 1, 2, 4, 8 clients
+    python scripts/bench/bench_serve.py --model weights/llama-2-7b --clients 1,4 --max-tokens 16 --requests 1
+
+Starts the server in this process on a free port, then for each N runs N client
+threads, each sending ``--requests`` completions (temperature 0.8, a different seed
+each, EOS banned so every request makes ``--max-tokens`` tokens) at the same time.
+Prints, per N: generated tokens per second over the whole run, the median
+request latency, and the engine's forward passes per generated token (1/N when
+the N requests decode in one lockstep batch, 1 when each runs alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(REPO / "weights" / "demo"))
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--clients", default="1,2,4,8", help="comma-separated client counts")
+    p.add_argument("--requests", type=int, default=4, help="completions per client")
+    p.add_argument("--max-tokens", type=int, default=64)
+    args = p.parse_args()
+
+    import openai
+
+    from llama2np import Llama2
+    from llama2np.server import bind, serve
+    from llama2np.server.app import create_app  # noqa: F401  (fail early without the serve extra)
+
+    model = Llama2.from_pretrained(args.model, dtype=args.dtype)
+    sock = bind("127.0.0.1", 0)
+    servers = []
+    threading.Thread(target=serve, args=(model, sock), kwargs={"on_server": servers.append}, daemon=True).start()
+    while not (servers and servers[0].started):
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="-", max_retries=0,
+                           timeout=3600)
+    name = Path(args.model).name
+    app = servers[0].config.app  # the FastAPI app: app.state.worker is the engine thread
+
+    def ask(seed: int) -> float:
+        t0 = time.perf_counter()
+        r = client.completions.create(model=name, prompt="Once upon a time", max_tokens=args.max_tokens,
+                                      temperature=0.8, seed=seed, logit_bias={str(model.tokenizer.eos_id): -100})
+        assert r.usage.completion_tokens == args.max_tokens, r.usage
+        return time.perf_counter() - t0
+
+    ask(0)  # warm up
+    print(f"{name} ({args.dtype}), {args.max_tokens} new tokens per request, {args.requests} requests per client")
+    print(f"{'clients':>7} {'tokens/s':>9} {'median latency s':>17} {'forwards/token':>15}")
+    for n in [int(c) for c in args.clients.split(",")]:
+        before = _forward_passes(app)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            latencies = list(pool.map(ask, range(1, n * args.requests + 1)))
+        wall = time.perf_counter() - t0
+        tokens = n * args.requests * args.max_tokens
+        passes = _forward_passes(app) - before
+        print(f"{n:>7} {tokens / wall:>9.1f} {statistics.median(latencies):>17.2f} {passes / tokens:>15.2f}")
+    servers[0].should_exit = True
+
+
+def _forward_passes(app) -> int:
+    """The engine's forward passes so far (the worker's decoder counts them)."""
+    return app.state.worker.engine.decoder.stats.forward_passes
+
+
+if __name__ == "__main__":
+    main()
