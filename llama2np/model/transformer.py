@@ -70,12 +70,23 @@ def apply_rope(x: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     x: (batch, seq, heads, head_dim); rotation: (seq, head_dim // 2) from
     ``rope_tables``. This is Meta's layout: dimension pairs (2i, 2i+1) form the
     complex number rotated by frequency i (HF reorders the rows of wq/wk so it
-    can rotate halves instead; loaders undo that).
+    can rotate halves instead; ``Attention`` puts such q/k outputs back in this order).
     """
     # A (real, imaginary) pair is laid out exactly like one complex number, so the
     # rotation is one complex multiply, as in Meta's code (view_as_complex).
     pairs = np.ascontiguousarray(x).view(rotation.dtype)  # (batch, seq, heads, head_dim/2)
     return (pairs * rotation[:, None, :]).view(x.dtype)
+
+
+def halves_to_pairs(x: np.ndarray) -> np.ndarray:
+    """(..., head_dim) in HF's order (real halves, then imaginary) -> Meta's (real, imaginary) pairs.
+
+    Exact (values only move); the one copy replaces the one ``apply_rope`` would make of the
+    strided q/k views, so reading HF's rows as stored costs no extra pass over the outputs.
+    """
+    half = x.shape[-1] // 2
+    # (..., 2, half) -> (..., half, 2) -> (..., head_dim)
+    return np.ascontiguousarray(x.reshape(*x.shape[:-1], 2, half).swapaxes(-1, -2)).reshape(x.shape)
 
 
 # softmax and silu work in place on one new array: at prefill their inputs are the biggest
@@ -103,12 +114,15 @@ class Attention:
 
     It computes the heads whose rows ``wqkv`` holds: all of them, or a tensor-parallel
     slice (then ``wo`` holds the matching columns and the output is a partial sum).
+    ``rope_halves``: wq and wk hold their rows in HF's order (per head, every real part, then
+    every imaginary part), so q and k are reordered into Meta's pairs per token.
     """
 
-    def __init__(self, args: ModelArgs, wqkv: Linear, wo: Linear):
+    def __init__(self, args: ModelArgs, wqkv: Linear, wo: Linear, rope_halves: bool = False):
         self.head_dim = args.head_dim
         self.n_heads, self.n_kv_heads = wqkv.sizes[0] // self.head_dim, wqkv.sizes[1] // self.head_dim
         self.wqkv, self.wo = wqkv, wo  # wqkv: wq, wk and wv stacked, one pass over x for all three
+        self.rope_halves = rope_halves
 
     def __call__(self, x, start_pos, rotation, mask, cache_k=None, cache_v=None):
         bsz, seqlen, _ = x.shape
@@ -117,6 +131,8 @@ class Attention:
         q = q.reshape(bsz, seqlen, self.n_heads, hd)
         k = k.reshape(bsz, seqlen, g, hd)
         v = v.reshape(bsz, seqlen, g, hd)
+        if self.rope_halves:
+            q, k = halves_to_pairs(q), halves_to_pairs(k)
         q, k = apply_rope(q, rotation), apply_rope(k, rotation)
 
         k = k.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, head_dim)
@@ -159,8 +175,10 @@ def linear_maker(params: Mapping[str, np.ndarray], dtype: np.dtype, quantize: st
     """``lin(*names)``: one ``Linear`` (``Int8Linear`` when quantize="int8") over the named matrices, stacked."""
     if quantize not in (None, "int8"):
         raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
+    stored = getattr(params, "stored", params.__getitem__)  # HF's q/k rows as stored, not reordered copies
+
     def lin(*names: str) -> Linear:
-        weights = [params[n] for n in names]
+        weights = [stored(n) for n in names]
         # a quantized checkpoint's matrices are int8 already, whatever was asked for
         quantized = quantize == "int8" or any(isinstance(w, QuantizedTensor) for w in weights)
         layer = (Int8Linear if quantized else Linear)(weights, dtype)
@@ -175,8 +193,11 @@ def linear_maker(params: Mapping[str, np.ndarray], dtype: np.dtype, quantize: st
 def build_layer(args: ModelArgs, params: Mapping[str, np.ndarray], i: int, lin) -> tuple[Attention, FeedForward]:
     """Layer ``i``'s attention and feed-forward from ``params`` (whole, or a tensor-parallel slice)."""
     p = f"layers.{i}."
-    attention = Attention(args, lin(*(p + f"attention.{w}.weight" for w in ("wq", "wk", "wv"))),
-                          lin(p + "attention.wo.weight"))
+    wq, wk, wv = (p + f"attention.{w}.weight" for w in ("wq", "wk", "wv"))
+    in_halves = getattr(params, "in_halves_order", lambda name: False)
+    if in_halves(wq) != in_halves(wk):
+        raise InputError(f"{wq} and {wk} must hold their rows in the same RoPE order")
+    attention = Attention(args, lin(wq, wk, wv), lin(p + "attention.wo.weight"), rope_halves=in_halves(wq))
     ffn = FeedForward(lin(p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"),
                       lin(p + "feed_forward.w2.weight"))
     return attention, ffn
