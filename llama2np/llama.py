@@ -13,6 +13,7 @@ from .generation import chat as _chat
 from .generation import decode as _generation
 from .generation.prefix_cache import PrefixCache
 from .loaders import load_checkpoint
+from .loaders.readahead import read_ahead
 from .model.args import ModelArgs
 from .model.storage import resolve_compute_dtype
 from .model.transformer import Transformer
@@ -73,6 +74,7 @@ class Llama2:
         else:
             ckpt = load_checkpoint(path, max_seq_len=max_seq_len, progress=progress)
             model = Transformer(ckpt.args, ckpt.state, compute, quantize=quantize)
+            read_ahead((p for lin in model.linears() for p in lin.parts), progress)
         model.progress = progress
         candidates = [Path(tokenizer_path)] if tokenizer_path is not None else ckpt.tokenizer_candidates
         tokenizer = None
