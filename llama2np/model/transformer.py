@@ -25,6 +25,7 @@ from .kv_cache import KVCache
 from .linear import Int8Linear, Linear, QuantizedTensor
 from .storage import to_float
 from .threads import blas_threads
+from .tuning import tune_for
 
 # --- the blocks -------------------------------------------------------------------------
 
@@ -250,6 +251,7 @@ class Transformer:
         self.norm = vec("norm.weight")
         self.output = lin("output.weight")
         self.tiled = any(m.tiled for m in self.linears())  # some weights are widened tile by tile
+        tune_for(sum(p.nbytes for m in self.linears() if m.tiled for p in m.parts))  # this CPU's decode tile
         self.rope = RopeTable(args, self.dtype)
 
     def linears(self) -> list[Linear]:

@@ -9,8 +9,9 @@ ids (``Llama2.logits``, which keeps its KV cache as a chat would). Printed per
 run: seconds from the process's start to imports done, to the model loaded
 (read-ahead included), and to the first logits; and the peak RSS. Runs of
 different settings alternate, so a busy machine disturbs them alike. With the
-page cache warm (a run before) this is the warm start; ``--drop-caches`` (root)
-empties the page cache before each run for the cold figure.
+page cache warm (a run before) this is the warm start; ``--cold`` evicts the
+checkpoint's files from the page cache before each run (``POSIX_FADV_DONTNEED``,
+nothing else is evicted) for the figure from disk.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -44,11 +47,20 @@ def child(spec: dict) -> dict:
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def run(spec: dict, drop_caches: bool) -> dict:
-    if drop_caches:
-        subprocess.run(["sync"], check=True)
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
+def evict(checkpoint: str) -> None:
+    """Drop the checkpoint's files from the page cache (pages another process maps stay)."""
+    root = Path(checkpoint)
+    for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run(spec: dict, cold: bool) -> dict:
+    if cold:
+        evict(spec["checkpoint"])
     spec = {**spec, "t0": time.time()}
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -62,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1", help="prompt lengths of the first call, comma-separated")
     ap.add_argument("--dtype", default="float32", help="compute dtypes, comma-separated")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--drop-caches", action="store_true", help="cold page cache before every run (root)")
+    ap.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before every run")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     if opts.child:
@@ -73,11 +85,11 @@ def main(argv=None) -> int:
     settings = [{"checkpoint": opts.checkpoint, "dtype": d, "tokens": int(t)}
                 for d, t in itertools.product(opts.dtype.split(","), opts.tokens.split(","))]
     results: dict[int, list] = {i: [] for i in range(len(settings))}
-    if not opts.drop_caches:
+    if not opts.cold:
         run(settings[0], False)  # warm the page cache
     for _ in range(opts.runs):
         for i, spec in enumerate(settings):
-            r = run(spec, opts.drop_caches)
+            r = run(spec, opts.cold)
             results[i].append(r)
             print(f"{spec['dtype']:8} {spec['tokens']:4} tokens: imports {r['imported']:.2f} s, loaded "
                   f"{r['loaded']:.2f} s (load {r['load_only']:.2f}), first logits {r['first']:.2f} s "
