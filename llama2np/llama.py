@@ -16,6 +16,7 @@ from .generation.generate import generate as _generate
 from .generation.prefix_cache import PrefixCache
 from .generation.request import Stats
 from .loaders import load_checkpoint
+from .loaders.readahead import read_ahead
 from .model.args import ModelArgs
 from .model.storage import resolve_compute_dtype
 from .model.transformer import Transformer
@@ -89,6 +90,7 @@ class Llama2:
         else:
             ckpt = load_checkpoint(path, max_seq_len=max_seq_len, progress=progress)
             model = Transformer(ckpt.args, ckpt.state, compute, quantize=quantize)
+            read_ahead((p for lin in model.linears() for p in lin.parts), progress)
         candidates = [Path(tokenizer_path)] if tokenizer_path is not None else ckpt.tokenizer_candidates
         tokenizer = None
         if tokenizer_path is not None or any(p.is_file() for p in candidates):

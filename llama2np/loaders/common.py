@@ -25,12 +25,33 @@ class LazyStateDict(Mapping):
     materialised for a tensor the model never asks for, and each is built once.
     ``specs`` tells a tensor's (shape, dtype) without building it, so a checkpoint
     can be validated before any shard is merged.
+
+    ``halves``: makers of the q/k projections as the file stores them when that is HF's
+    rotate-halves row order (``self[name]`` reorders a copy into Meta's interleaved order);
+    the model reads those through ``stored`` and reorders its q/k outputs instead, so no
+    weight is copied.
     """
 
     def __init__(self, makers: Mapping[str, Callable[[], np.ndarray]], source: Path | str,
-                 specs: Mapping[str, Callable[[], tuple[tuple[int, ...], np.dtype]]] | None = None):
+                 specs: Mapping[str, Callable[[], tuple[tuple[int, ...], np.dtype]]] | None = None,
+                 halves: Mapping[str, Callable[[], np.ndarray]] | None = None):
         self._makers, self._cache, self.source = dict(makers), {}, source
         self._specs = dict(specs or {})
+        self._halves = dict(halves or {})
+
+    def in_halves_order(self, name: str) -> bool:
+        """Whether ``stored(name)`` holds its rows in HF's rotate-halves order (per head: every real
+        part, then every imaginary part) rather than Meta's interleaved pairs."""
+        return name in self._halves
+
+    def stored(self, name: str) -> np.ndarray:
+        """The tensor as the checkpoint stores it, with no reordering copy (see ``in_halves_order``)."""
+        if name not in self._halves:
+            return self[name]
+        key = ("stored", name)
+        if key not in self._cache:
+            self._cache[key] = self._halves[name]()
+        return self._cache[key]
 
     def spec(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         """(shape, dtype) of a tensor, without building it when the loader can tell."""
@@ -55,6 +76,7 @@ class LazyStateDict(Mapping):
         """Forget the built tensor (it is built again if read again), so a consumer that converts
         tensors one by one (int8 quantisation) keeps memory near one tensor above its output."""
         self._cache.pop(name, None)
+        self._cache.pop(("stored", name), None)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._makers)

@@ -3,8 +3,11 @@
 Tensor names map one to one onto Meta's. The one real difference is RoPE:
 Meta rotates interleaved pairs (dims 2i, 2i+1 of each head), HF's Llama
 rotates halves (dims i, i + head_dim/2). HF's conversion script therefore
-reordered the rows of wq and wk per head; ``unpermute`` restores Meta's order
-so one RoPE implementation serves every format.
+reordered the rows of wq and wk per head. The state dict hands those out in
+Meta's order (``unpermute``, a copy) to anyone who reads them by name, and as
+stored (``LazyStateDict.stored``) to the model, which reorders the q/k outputs
+of each token instead (a permutation of ``dim`` values), so loading copies no
+weight and the memory-mapped originals are the only copy resident.
 """
 
 from __future__ import annotations
@@ -196,18 +199,20 @@ def load_hf(directory: Path, max_seq_len: int | None = None, progress: bool | No
 
     # the raw (memory-mapped) tensors tell shape and dtype; unpermuting keeps both
     specs = {n: (lambda make=make: (tuple(make().shape), make().dtype)) for n, make in makers.items()}
+    halves = {}
     for name in [n for n in makers if n.endswith(("attention.wq.weight", "attention.wk.weight"))]:
         heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
-        makers[name] = (lambda make=makers[name], name=name, heads=heads: _unpermute_checked(
+        halves[name] = (lambda make=makers[name], name=name, heads=heads: _check_heads(
             make(), heads, directory, name))
+        makers[name] = (lambda stored=halves[name], heads=heads: unpermute(stored(), heads))
     config = json.loads((directory / "config.json").read_text())
     if "output.weight" not in makers and config.get("tie_word_embeddings") and embed is not None:
         makers["output.weight"], specs["output.weight"] = embed, specs["tok_embeddings.weight"]
-    return args, LazyStateDict(makers, source=directory, specs=specs)
+    return args, LazyStateDict(makers, source=directory, specs=specs, halves=halves)
 
 
-def _unpermute_checked(w: np.ndarray, n_heads: int, directory: Path, name: str) -> np.ndarray:
+def _check_heads(w: np.ndarray, n_heads: int, directory: Path, name: str) -> np.ndarray:
     if w.ndim != 2 or w.shape[0] % (2 * n_heads):
         raise CheckpointError(f"{directory}: tensor {name} has shape {w.shape}, which does not split into "
                               f"{n_heads} heads of (real, imaginary) halves")
-    return unpermute(w, n_heads)
+    return w

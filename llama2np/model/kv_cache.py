@@ -13,9 +13,13 @@ if TYPE_CHECKING:
 class KVCache:
     """Keys and values of every layer for the positions already seen: k, v (n_layers, batch,
     n_kv_heads, capacity, head_dim). The capacity grows (``reserve``) as calls reach further, up
-    to max_seq_len; np.zeros maps pages lazily, so it costs memory only as it fills."""
+    to max_seq_len, doubling."""
 
-    INITIAL = 4096  # positions allocated at first (Llama 2's context)
+    #: positions allocated at first. Small, because a cache's pages are not free until written:
+    #: NumPy asks for transparent huge pages on big arrays, so writing the first positions of each
+    #: (layer, head) slab made its whole 2 MiB resident (a 7B at 4096 positions: 4 GiB resident
+    #: after an 8-token call). Doubling from here costs at most one copy of the filled part.
+    INITIAL = 256
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: np.dtype,
                  n_kv_heads: int | None = None):

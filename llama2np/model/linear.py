@@ -55,6 +55,22 @@ from .threads import blas_threads, num_threads, run_parallel
 #: (7B decode, one process, sizes alternating, 3 rounds: 128K 1.08-1.49, 256K 1.35-1.54,
 #: 512K 1.42-1.43, 1024K 1.35-1.51 tok/s)
 TILE_ELEMENTS = 256 * 1024
+_decode_tile: int | None = None  # the decode tile measured for this CPU (``tuning``); None: TILE_ELEMENTS
+
+
+def decode_tile() -> int | None:
+    """Values per decode tile set by ``set_decode_tile`` (None: the default, TILE_ELEMENTS)."""
+    return _decode_tile
+
+
+def set_decode_tile(elements: int | None) -> None:
+    """Use ``elements`` widened values per bf16/fp16 tile when few rows come in (None: TILE_ELEMENTS)."""
+    global _decode_tile
+    if elements is not None and elements < 1:
+        raise ValueError(f"a tile needs at least one value, got {elements}")
+    _decode_tile = elements
+
+
 #: int8 decode tiles: NumPy's int8 -> float cast costs microseconds per call to set up, so int8
 #: wants bigger tiles than bf16's plain ufuncs (one thread, CPU time, 7B shapes: 256K 5.3-5.7,
 #: 512K 7.6-7.8, 1024K 8.4-8.6 G weights/s; 4 MiB buffers still fit the L3)
@@ -148,11 +164,11 @@ class Linear:
     def _tiles(self, n: int) -> tuple[int, list]:
         """Rows per tile for ``n`` input rows, and the tiles: (stored rows, first, end output row)."""
         elements = (SPLIT_ELEMENTS if not self.tiled else BIG_TILE_ELEMENTS if n > FEW_ROWS
-                    else INT8_TILE_ELEMENTS if isinstance(self, Int8Linear) else TILE_ELEMENTS)
+                    else INT8_TILE_ELEMENTS if isinstance(self, Int8Linear) else _decode_tile or TILE_ELEMENTS)
         width = self.in_features // 2 if self._paired else self.in_features  # widened at a time
         rows = max(1, elements // width)
         if rows not in self._plans:
-            self._plans[rows] = _tile_plan(self._stored, rows)
+            self._plans[rows] = tile_plan(self._stored, rows)
         return rows, self._plans[rows]
 
     def _tiled_matmul(self, x2: np.ndarray) -> np.ndarray:
@@ -341,21 +357,33 @@ def release_pages(a: np.ndarray) -> None:
     it back. Used after a memory-mapped weight was converted, so converting a
     checkpoint does not leave all of it counted in the process's memory.
     """
+    mapped = mapped_pages(a, inside=True)  # whole pages inside the array only
+    if mapped is not None:
+        base, first, length = mapped
+        base.madvise(mmap.MADV_DONTNEED, first, length)
+
+
+def mapped_pages(a: np.ndarray, inside: bool = False) -> tuple[mmap.mmap, int, int] | None:
+    """(the read-only memory map holding ``a``, offset, length) of the pages ``a`` covers (``inside``:
+    only the pages wholly inside it), or None when ``a`` is not a contiguous view of such a map."""
     base = a
     while base is not None and not isinstance(base, mmap.mmap):
         base = getattr(base, "base", None)
     if base is None or not hasattr(base, "madvise") or a.flags.writeable or not a.flags.c_contiguous:
-        return  # only read-only maps: a writable (copy-on-write) map may hold changes the file lacks
+        return None  # only read-only maps: a writable (copy-on-write) map may hold changes the file lacks
     start = np.frombuffer(base, dtype=np.uint8).ctypes.data
     begin = a.ctypes.data - start
-    first = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the array only
-    last = (begin + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        base.madvise(mmap.MADV_DONTNEED, first, last - first)
+    page = mmap.PAGESIZE
+    first = -(-begin // page) * page if inside else begin // page * page
+    last = (begin + a.nbytes) // page * page if inside else min(-(-(begin + a.nbytes) // page) * page, len(base))
+    return (base, first, last - first) if last > first else None
 
 
-def _tile_plan(parts: list[np.ndarray], step: int) -> list[tuple[np.ndarray, int, int]]:
+def tile_plan(parts: list[np.ndarray], step: int) -> list[tuple[np.ndarray, int, int]]:
     """(stored rows, first and end output column) of every tile of ``step`` rows, in output order.
+
+    Any stored form works (bf16 pairs as uint32, int8, quantized blocks as rows of bytes): a
+    kernel takes tiles from this list, widens each into its thread's buffer and multiplies.
 
     The row slices are made once here: a decode step walks thousands of tiles (7B: ~25,000),
     and Python work per tile shows up in the tokens/s.

@@ -27,6 +27,7 @@ from .linear import Int8Linear, Linear, QuantizedTensor
 from .quant_blocks import is_block_quantized, make_block_linear
 from .storage import check_finite_fp16, to_float
 from .threads import blas_threads
+from .tuning import tune_for
 
 # --- the blocks -------------------------------------------------------------------------
 
@@ -73,12 +74,23 @@ def apply_rope(x: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     ``rope_tables``, or (batch, seq, head_dim // 2) when each row is at its own position.
     This is Meta's layout: dimension pairs (2i, 2i+1) form the
     complex number rotated by frequency i (HF reorders the rows of wq/wk so it
-    can rotate halves instead; loaders undo that).
+    can rotate halves instead; ``Attention`` puts such q/k outputs back in this order).
     """
     # A (real, imaginary) pair is laid out exactly like one complex number, so the
     # rotation is one complex multiply, as in Meta's code (view_as_complex).
     pairs = np.ascontiguousarray(x).view(rotation.dtype)  # (batch, seq, heads, head_dim/2)
     return (pairs * rotation[..., None, :]).view(x.dtype)
+
+
+def halves_to_pairs(x: np.ndarray) -> np.ndarray:
+    """(..., head_dim) in HF's order (real halves, then imaginary) -> Meta's (real, imaginary) pairs.
+
+    Exact (values only move); the one copy replaces the one ``apply_rope`` would make of the
+    strided q/k views, so reading HF's rows as stored costs no extra pass over the outputs.
+    """
+    half = x.shape[-1] // 2
+    # (..., 2, half) -> (..., half, 2) -> (..., head_dim)
+    return np.ascontiguousarray(x.reshape(*x.shape[:-1], 2, half).swapaxes(-1, -2)).reshape(x.shape)
 
 
 # softmax and silu work in place on one new array: at prefill their inputs are the biggest
@@ -106,14 +118,17 @@ class Attention:
 
     It computes the heads whose rows ``wqkv`` holds: all of them, or a tensor-parallel
     slice (then ``wo`` holds the matching columns and the output is a partial sum).
+    ``rope_halves``: wq and wk hold their rows in HF's order (per head, every real part, then
+    every imaginary part), so q and k are reordered into Meta's pairs per token.
     """
 
     observer: Callable[[str, np.ndarray], None] | None = None  # tracing (tools/trace.py) sees q, k, v
 
-    def __init__(self, args: ModelArgs, wqkv: Linear, wo: Linear):
+    def __init__(self, args: ModelArgs, wqkv: Linear, wo: Linear, rope_halves: bool = False):
         self.head_dim = args.head_dim
         self.n_heads, self.n_kv_heads = wqkv.sizes[0] // self.head_dim, wqkv.sizes[1] // self.head_dim
         self.wqkv, self.wo = wqkv, wo  # wqkv: wq, wk and wv stacked, one pass over x for all three
+        self.rope_halves = rope_halves
 
     def __call__(self, x, start_pos, rotation, mask, cache_k=None, cache_v=None):
         bsz, seqlen, _ = x.shape
@@ -122,6 +137,8 @@ class Attention:
         q = q.reshape(bsz, seqlen, self.n_heads, hd)
         k = k.reshape(bsz, seqlen, g, hd)
         v = v.reshape(bsz, seqlen, g, hd)
+        if self.rope_halves:
+            q, k = halves_to_pairs(q), halves_to_pairs(k)
         q, k = apply_rope(q, rotation), apply_rope(k, rotation)
         if self.observer is not None:
             for name, value in (("q", q), ("k", k), ("v", v)):
@@ -177,9 +194,10 @@ def check_quantize(quantize: str | None) -> None:
 def linear_maker(params: Mapping[str, np.ndarray], dtype: np.dtype, quantize: str | None = None):
     """``lin(*names)``: one ``Linear`` (``Int8Linear`` when quantize="int8") over the named matrices, stacked."""
     check_quantize(quantize)
+    stored = getattr(params, "stored", params.__getitem__)  # HF's q/k rows as stored, not reordered copies
 
     def lin(*names: str) -> Linear:
-        weights = [params[n] for n in names]
+        weights = [stored(n) for n in names]
         # a quantized checkpoint's matrices are int8 already, whatever was asked for
         quantized = quantize == "int8" or any(isinstance(w, QuantizedTensor) for w in weights)
         with naming_damage(params, names):
@@ -213,8 +231,11 @@ def naming_damage(params: Mapping[str, np.ndarray], names: Sequence[str]):
 def build_layer(args: ModelArgs, params: Mapping[str, np.ndarray], i: int, lin) -> tuple[Attention, FeedForward]:
     """Layer ``i``'s attention and feed-forward from ``params`` (whole, or a tensor-parallel slice)."""
     p = f"layers.{i}."
-    attention = Attention(args, lin(*(p + f"attention.{w}.weight" for w in ("wq", "wk", "wv"))),
-                          lin(p + "attention.wo.weight"))
+    wq, wk, wv = (p + f"attention.{w}.weight" for w in ("wq", "wk", "wv"))
+    in_halves = getattr(params, "in_halves_order", lambda name: False)
+    if in_halves(wq) != in_halves(wk):
+        raise InputError(f"{wq} and {wk} must hold their rows in the same RoPE order")
+    attention = Attention(args, lin(wq, wk, wv), lin(p + "attention.wo.weight"), rope_halves=in_halves(wq))
     ffn = FeedForward(lin(p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"),
                       lin(p + "feed_forward.w2.weight"))
     return attention, ffn
@@ -282,6 +303,7 @@ class Transformer:
         self.norm = vec("norm.weight")
         self.output = lin("output.weight")
         self.tiled = any(m.tiled for m in self.linears())  # some weights are widened tile by tile
+        tune_for(sum(p.nbytes for m in self.linears() if m.tiled for p in m.parts))  # this CPU's decode tile
         self.rope = RopeTable(args, self.dtype)
 
     def linears(self) -> list[Linear]:

@@ -42,7 +42,9 @@ Source = Callable[[str, tuple], np.ndarray]
 
 SHAPES = {
     "7b": PRESETS["7B"], "13b": PRESETS["13B"], "70b": PRESETS["70B"],
-    # smaller Llama-2-architecture shapes for quick benchmarks (llama2.c's stories110M; a TinyLlama-sized 1B)
+    # smaller Llama-2-architecture shapes for quick benchmarks (llama2.c's stories15M and stories110M;
+    # a TinyLlama-sized 1B)
+    "15m": ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256, hidden_dim=768),
     "110m": ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000, max_seq_len=1024, hidden_dim=2048),
     "1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, max_seq_len=2048,
                     hidden_dim=5632),

@@ -118,13 +118,16 @@ def sgemm_gflops(m: int, k: int, n: int, repeats: int = 3) -> float:
 def machine_worker(spec: dict) -> dict:
     """Read bandwidth and sgemm GFLOP/s (the GEMM peak at this model's width), in the child."""
     set_num_threads(spec["threads"])
+    with blas_threads(spec["threads"]):
+        at_rows = {str(n): sgemm_gflops(n, spec["dim"], spec["hidden"]) for n in spec.get("rows", [])}
     return {"bandwidth": read_bandwidth(spec["threads"], spec["nbytes"]),
-            "sgemm": sgemm_gflops(512, spec["dim"], spec["hidden"])}
+            "sgemm": sgemm_gflops(512, spec["dim"], spec["hidden"]), "sgemm_rows": at_rows}
 
 
-def measure_machine(threads: int, nbytes: int, dim: int, hidden: int) -> dict:
-    """``machine_worker`` in a child process: its buffers (up to 2 GiB) must not count in our peak RSS."""
-    spec = {"threads": threads, "nbytes": nbytes, "dim": dim, "hidden": hidden}
+def measure_machine(threads: int, nbytes: int, dim: int, hidden: int, rows: list[int] = ()) -> dict:
+    """``machine_worker`` in a child process: its buffers (up to 2 GiB) must not count in our peak RSS.
+    ``rows``: also sgemm GFLOP/s with that many rows (a prefill's), each."""
+    spec = {"threads": threads, "nbytes": nbytes, "dim": dim, "hidden": hidden, "rows": list(rows)}
     return json.loads(_child("--machine-worker", spec).splitlines()[-1])
 
 
@@ -151,14 +154,18 @@ def run_llama2np(model: Transformer, prompts: list[np.ndarray], new_tokens: int,
     seconds (after the longest prompt); bandwidth and sgemm are measured between the runs (in a child
     process), so a machine shared with other jobs loads both sides of each ratio alike."""
     prefill, decode, bandwidth, gemm, cores = [[] for _ in prompts], [], [], [], []
+    gemm_rows = [[] for _ in prompts]
     a = model.args
     t0 = time.perf_counter()
     model.forward(prompts[0][None, :1], 0, model.new_cache(1, 1))  # a memory-mapped checkpoint is read now
     first_s = time.perf_counter() - t0
     for _ in range(runs):
-        machine = measure_machine(num_threads(), weight_bytes_per_token(model), a.dim, a.ffn_hidden_dim)
+        machine = measure_machine(num_threads(), weight_bytes_per_token(model), a.dim, a.ffn_hidden_dim,
+                                  [len(p) for p in prompts])
         bandwidth.append(machine["bandwidth"])
         gemm.append(machine["sgemm"])
+        for g, p in zip(gemm_rows, prompts):
+            g.append(machine["sgemm_rows"][str(len(p))])
         for times, prompt in zip(prefill, prompts):
             cache = model.new_cache(1, len(prompt) + new_tokens)
             t0 = time.perf_counter()
@@ -187,6 +194,7 @@ def run_llama2np(model: Transformer, prompts: list[np.ndarray], new_tokens: int,
         pstats.Stats(prof).sort_stats("tottime").print_stats(14)
     return {"prefill_s": [float(np.median(t)) for t in prefill], "decode_s": float(np.median(decode)),
             "first_s": first_s, "bandwidth": float(np.median(bandwidth)), "sgemm": float(np.median(gemm)),
+            "sgemm_rows": [float(np.median(g)) for g in gemm_rows],
             "cores": float(np.median(cores))}
 
 
@@ -344,10 +352,11 @@ def main(argv=None) -> int:
           f"{'+ ' + opts.quantize if opts.quantize else ''}; threads {opts.threads}")
     print(f"load       {load_s:.2f} s, then the first call (1 token, cold) {res['first_s']:.2f} s: "
           f"{load_s + res['first_s']:.1f} s to the first token; peak RSS {peak_rss / GiB:.2f} GiB")
-    for n, t in zip(lens, res["prefill_s"]):
+    for n, t, at_n in zip(lens, res["prefill_s"], res["sgemm_rows"]):
         gflops = prefill_flops(model, n) / t / 1e9
-        print(f"prefill    {n} tokens: {n / t:.1f} tok/s, {gflops:.1f} GFLOP/s = {gflops / gemm:.0%} of measured "
-              f"sgemm {gemm:.1f} GFLOP/s (512x{args.dim}x{args.ffn_hidden_dim}, {opts.threads} threads)")
+        print(f"prefill    {n} tokens: {n / t:.1f} tok/s, {gflops:.1f} GFLOP/s = {gflops / at_n:.0%} of measured "
+              f"sgemm at {n} rows {at_n:.1f} GFLOP/s, {gflops / gemm:.0%} of sgemm at 512 rows {gemm:.1f} "
+              f"({n}|512 x {args.dim} x {args.ffn_hidden_dim}, {opts.threads} threads)")
     print(f"decode     {decode_tps:.2f} tok/s (median of {opts.runs} runs x {opts.new_tokens} tokens), "
           f"CPU time {res['cores']:.2f} x wall time (of {opts.threads} threads)")
     print(f"bound      {per_token / 1e6:.1f} MB read per token / {bandwidth / 1e9:.1f} GB/s measured read "
