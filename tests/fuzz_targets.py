@@ -184,11 +184,13 @@ def _tiny(dtype: str):
 
 
 def seed_gguf(work: Path) -> tuple[Path, int]:
+    from gguf import GGMLQuantizationType
+
     from llama2np.testing import gguf_export as ge
 
     h = ge.HParams(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=1024, context_length=32)
     types, produce = ge.synthetic(h, "Q8_0")
-    types["tok_embeddings.weight"] = ge.T.F16
+    types["tok_embeddings.weight"] = GGMLQuantizationType.F16
     _, f16 = ge.synthetic(h, "F16")
     path = ge.write_gguf(work / "m.gguf", h, types,
                          lambda n: f16(n) if n == "tok_embeddings.weight" else produce(n),

@@ -10,7 +10,8 @@ import pytest
 from llama2np.errors import CheckpointError
 from llama2np.model import linear as linear_mod
 from llama2np.model import threads as parallel
-from llama2np.model.linear import Linear, release_pages
+from llama2np.model.linear import Linear
+from llama2np.model.mapped import release_pages
 from llama2np.model.storage import bf16_to_float32, float32_to_bf16
 
 rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llama2np.loaders.readahead import read_ahead
-from llama2np.model.linear import mapped_pages
+from llama2np.model.mapped import mapped_pages
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 

@@ -29,7 +29,8 @@ from ..loaders.common import LazyStateDict
 from ..loaders.meta import SPLIT_AXIS
 from ..loaders.torch_pickle import load_pth
 from ..model.args import ModelArgs
-from ..model.linear import QuantizedTensor, release_pages
+from ..model.linear import QuantizedTensor
+from ..model.mapped import release_pages
 from ..model.quant_blocks import BlockQuantTensor
 from ..model.storage import BF16, is_bf16
 

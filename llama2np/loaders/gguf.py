@@ -50,12 +50,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
-from ..model.linear import TILE_ELEMENTS, release_pages
+from ..model.linear import TILE_ELEMENTS
+from ..model.mapped import release_pages
 from ..model.quant_blocks import BLOCKS_DTYPE
 from ..model.storage import BF16
 from ..model.threads import num_threads, run_parallel
-from .gguf_blocks import decode_tensor, supported
 from .common import LazyStateDict, make_args
+from .gguf_blocks import decode_tensor, supported
 from .gguf_header import check_gguf_header
 
 # GGUF name (after "blk.N.") -> Meta name (after "layers.N.")

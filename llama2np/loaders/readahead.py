@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ..model.linear import mapped_pages
+from ..model.mapped import mapped_pages
 from ..progress import bar
 
 #: Linux's MADV_POPULATE_READ (include/uapi/asm-generic/mman-common.h); Python's mmap does not name it

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write Llama 2 models as GGUF with ``gguf.GGUFWriter``, as llama.cpp's converter does (no torch needed).
+"""Write Llama 2 models as GGUF with ``gguf.GGUFWriter``, as llama.cpp's converter does (no torch needed; gguf, an optional extra, is imported where used).
 
 Conventions of ``convert_hf_to_gguf.py`` (LlamaModel): architecture "llama";
 ``llama.*`` hyper-parameters; Meta's tensor names mapped to ``token_embd``,
@@ -27,11 +27,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-import gguf
 import numpy as np
-from gguf import GGMLQuantizationType as T
+
+if TYPE_CHECKING:  # annotations only; the functions import gguf (an optional extra) when they run
+    import gguf
+    from gguf import GGMLQuantizationType as T
 
 from ..loaders import gguf as gguf_reader
 
@@ -88,6 +90,7 @@ def meta_shapes(h: HParams) -> dict[str, tuple[int, ...]]:
 def q4_k_m_type(meta_name: str, n_layers: int) -> T:
     """llama-quantize's Q4_K_M mix (simplified): Q6_K for output, and for attn_v / ffn_down of the
     first and last eighth of the layers and every third layer between; Q4_K elsewhere."""
+    from gguf import GGMLQuantizationType as T
     if meta_name == "output.weight":
         return T.Q6_K
     if meta_name.endswith(("attention.wv.weight", "feed_forward.w2.weight")):
@@ -98,6 +101,7 @@ def q4_k_m_type(meta_name: str, n_layers: int) -> T:
 
 
 def tensor_type(meta_name: str, ftype: str, n_layers: int) -> T:
+    from gguf import GGMLQuantizationType as T
     if meta_name.endswith("norm.weight"):
         return T.F32  # llama.cpp keeps 1-D tensors in F32
     if ftype == "Q4_K_M":
@@ -107,6 +111,8 @@ def tensor_type(meta_name: str, ftype: str, n_layers: int) -> T:
 
 def random_kquant(shape: tuple[int, int], qtype: T, std: float, rng: np.random.Generator) -> np.ndarray:
     """Random k-quant blocks (uint8, (rows, bytes per row)) whose weights spread about ``std``."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     rows = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
     if qtype == T.Q4_K:  # d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 bytes of 4-bit q
@@ -122,6 +128,8 @@ def random_kquant(shape: tuple[int, int], qtype: T, std: float, rng: np.random.G
 
 def encode(a: np.ndarray, qtype: T) -> np.ndarray:
     """A float array as the bytes (or floats) GGUFWriter stores for ``qtype``."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
     if qtype == T.F32:
         return np.ascontiguousarray(a, dtype=np.float32)
     if qtype == T.F16:
@@ -131,6 +139,7 @@ def encode(a: np.ndarray, qtype: T) -> np.ndarray:
 
 def add_vocab(writer: gguf.GGUFWriter, tokenizer_model: Path) -> None:
     """The vocabulary as llama.cpp's _set_vocab_sentencepiece copies it."""
+    import gguf
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model))
@@ -168,6 +177,8 @@ def write_gguf(path: Path, h: HParams, types: dict[str, T], produce: Producer,
     hyper-parameters in the metadata than the tensors have) and ``extra`` (float32 tensors under GGUF
     names of their own) let tests write broken files.
     """
+    import gguf
+    from gguf import GGMLQuantizationType as T
     m = metadata_from or h
     w = gguf.GGUFWriter(path, arch)
     keys = {f"{arch}.context_length": m.context_length, f"{arch}.embedding_length": m.dim,
@@ -211,6 +222,7 @@ def write_gguf(path: Path, h: HParams, types: dict[str, T], produce: Producer,
 
 def synthetic(h: HParams, ftype: str, seed: int = 0) -> tuple[dict[str, T], Producer]:
     """Random weights (embeddings ~N(0, 1), projections ~N(0, 1/in)) in ``ftype``."""
+    from gguf import GGMLQuantizationType as T
     shapes = meta_shapes(h)
     types = {n: tensor_type(n, ftype, h.n_layers) for n in shapes}
 

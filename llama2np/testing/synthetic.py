@@ -35,7 +35,7 @@ from ..loaders.llama2c import HEADER
 from ..loaders.meta import split_axis
 from ..model.args import PRESETS, ModelArgs
 from ..model.storage import float32_to_bf16
-from .writers import BF16, TensorSpec, write_pth, write_safetensors
+from .writers import TensorSpec, write_pth, write_safetensors
 
 #: source(meta_name, shape) -> the full tensor in Meta layout, in the dtype to store
 Source = Callable[[str, tuple], np.ndarray]

@@ -1,7 +1,7 @@
 """Write ``torch.save``-style ``.pth`` files and ``.safetensors`` files without torch, tensor by tensor.
 
-Used by ``make_synthetic_checkpoint.py`` and by the tests (which must not
-import torch). Both writers take the tensor list up front (name, shape,
+Used by ``make_synthetic_checkpoint.py`` and by the tests (which run without
+PyTorch installed). Both writers take the tensor list up front (name, shape,
 dtype) and then ask ``produce(name)`` for each tensor's data, one chunk at a
 time if it likes, so a 13 GB checkpoint is written in a few hundred MB of RAM.
 
