@@ -38,15 +38,34 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x * (1.0 / np.sqrt(ms + eps)) * weight
 
 
-def rope_tables(args: ModelArgs, dtype: np.dtype, length: int | None = None) -> np.ndarray:
-    """e^(i * position * frequency) for positions [0, length) (default max_seq_len): (length, head_dim // 2) complex.
+def rope_frequencies(args: ModelArgs, seq_len: int | None = None) -> np.ndarray:
+    """The rotation frequency of each dimension pair, base^(-2i / head_dim): (head_dim // 2,) float64.
+
+    With the checkpoint's RoPE scaling, as Hugging Face's ``modeling_rope_utils`` computes it:
+    linear divides every frequency by the factor (positions interpolated, Chen et al. 2023);
+    dynamic (NTK-aware) keeps the plain base up to the original context L and, for a forward
+    pass whose positions end at ``seq_len`` > L, uses the base
+    base * (factor * seq_len / L - (factor - 1)) ** (head_dim / (head_dim - 2)).
+    HF computes these in float32; here they are float64.
+    """
+    d, base = args.head_dim, args.rope_theta
+    if args.rope_scaling == "dynamic" and seq_len is not None and seq_len > args.rope_original_max_seq_len:
+        stretch = args.rope_scaling_factor * seq_len / args.rope_original_max_seq_len - (args.rope_scaling_factor - 1)
+        base = base * stretch ** (d / (d - 2))
+    freqs = 1.0 / base ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    return freqs / args.rope_scaling_factor if args.rope_scaling == "linear" else freqs
+
+
+def rope_tables(args: ModelArgs, dtype: np.dtype, length: int | None = None, start: int = 0,
+                seq_len: int | None = None) -> np.ndarray:
+    """e^(i * position * frequency) for positions [start, length) (default max_seq_len): (length - start, head_dim // 2) complex.
 
     Meta's ``freqs_cis``. Angles are computed in float64 and only then rounded to
     the compute dtype, so float64 logits are not limited by a float32 angle.
+    ``seq_len``: where the forward pass's positions end (dynamic scaling's base depends on it).
     """
-    half = args.head_dim // 2
-    freqs = 1.0 / args.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / args.head_dim)
-    angles = np.outer(np.arange(args.max_seq_len if length is None else length, dtype=np.float64), freqs)
+    end = args.max_seq_len if length is None else length
+    angles = np.outer(np.arange(start, end, dtype=np.float64), rope_frequencies(args, seq_len))
     rotation = np.empty(angles.shape, dtype=np.result_type(dtype, np.complex64))
     rotation.real, rotation.imag = np.cos(angles), np.sin(angles)
     return rotation
@@ -61,6 +80,11 @@ class RopeTable:
 
     def __call__(self, start: int, end: int) -> np.ndarray:
         """Rotations of positions [start, end): (end - start, head_dim // 2) complex."""
+        if self.args.rope_scaling == "dynamic" and end > self.args.rope_original_max_seq_len:
+            # Past the original context, dynamic scaling's base depends on where this forward's positions
+            # end (HF: max(position_ids) + 1), so these rows are computed for this call alone. Keys already
+            # in the KV cache keep the rotation they were given, as in HF's cache.
+            return rope_tables(self.args, self.dtype, end, start, seq_len=end)
         if end > len(self.table):
             length = min(self.args.max_seq_len, max(end, 2 * len(self.table), 256))
             self.table = rope_tables(self.args, self.dtype, length)
