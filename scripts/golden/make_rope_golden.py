@@ -176,10 +176,8 @@ def formula_logits(args: ModelArgs, scaling: dict | None, state: dict[str, torch
     return (norm(h, w["norm.weight"]) @ w["output.weight"].T).numpy()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "tests" / "golden" / "rope")
-    out = parser.parse_args().out
+def write_all(out: Path) -> dict:
+    """Every case's references into ``out`` (``tests/golden/rope``), with its manifest."""
     out.mkdir(parents=True, exist_ok=True)
     manifest = {}
     for name, (args, extra, seed, cases) in CASES.items():
@@ -210,6 +208,13 @@ def main() -> None:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {len(manifest)} RoPE fixtures to {out} ({size / 1e3:.0f} kB)")
+    return manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "tests" / "golden" / "rope")
+    write_all(parser.parse_args().out)
 
 
 if __name__ == "__main__":
