@@ -177,6 +177,22 @@ def test_kv_reuse_stays_exact_with_dynamic_scaling(checkpoints):
     first = model.generate(ids[:30].tolist(), max_new_tokens=20, temperature=0)
     assert model.generate(ids[:30].tolist(), max_new_tokens=20, temperature=0) == first
     assert fresh.generate(ids[:30].tolist(), max_new_tokens=20, temperature=0, reuse_cache=False) == first
+    model.generate(ids[:36].tolist(), max_new_tokens=2, temperature=0)  # keys of 0..35 with a 36-long base
+    again = model.generate(ids[:45].tolist(), max_new_tokens=8, temperature=0, logprobs=True)
+    alone = fresh.generate(ids[:45].tolist(), max_new_tokens=8, temperature=0, logprobs=True, reuse_cache=False)
+    assert again.ids == alone.ids and np.abs(np.subtract(again.logprobs, alone.logprobs)).max() < 1e-12
+
+
+def test_batch_rows_are_as_alone_with_dynamic_scaling(checkpoints):
+    """A batch decodes in lockstep, prompts of different lengths fed token by token past the shortest;
+    with dynamic scaling that would rotate them with other bases than alone, so rows run one by one."""
+    _, ref = fixture("dynamic")
+    model = Llama2.from_pretrained(checkpoints["dynamic", "hf"], dtype="float64")
+    prompts = [ref["ids"][:36].tolist(), ref["ids"][:45].tolist()]
+    batch = model.generate(prompts, max_new_tokens=6, temperature=0, logprobs=True, reuse_cache=False)
+    for p, row in zip(prompts, batch):
+        alone = model.generate(p, max_new_tokens=6, temperature=0, logprobs=True, reuse_cache=False)
+        assert row.ids == alone.ids and np.abs(np.subtract(row.logprobs, alone.logprobs)).max() < 1e-12
 
 
 def _hf_with(path: Path, out: Path, **keys) -> Path:
