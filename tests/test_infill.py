@@ -122,3 +122,20 @@ def test_cli_generate_suffix(codellama, capsys):
     model = Llama2.from_pretrained(codellama)
     middle = model.infill("def add(a, b):\n    ", "return a + b\n", max_new_tokens=6, temperature=0)
     assert capsys.readouterr().out == "def add(a, b):\n    " + middle + "return a + b\n\n"
+
+
+
+def test_every_layout_infills_alike(codellama, tok, tmp_path):
+    """The same CodeLlama-shaped model as a Meta directory (tokenizer.model beside it) and as a GGUF whose
+    vocabulary is embedded: the same prompt ids and the same middle as the HF directory."""
+    from test_rope_scaling import write_layout
+
+    meta_dir = write_layout("meta", "codellama", tmp_path / "meta")
+    (meta_dir / "tokenizer.model").symlink_to(codellama / "tokenizer.model")
+    gguf_file = write_layout("gguf", "codellama", tmp_path / "gguf", tokenizer_model=codellama / "tokenizer.model")
+    prefix, suffix = "def add(a, b):\n    ", "return a + b\n"
+    want = Llama2.from_pretrained(codellama).infill(prefix, suffix, max_new_tokens=8, temperature=0)
+    for path in (meta_dir, gguf_file):
+        model = Llama2.from_pretrained(path)
+        assert infilling_prompt(model.tokenizer, prefix, suffix) == infilling_prompt(tok, prefix, suffix)
+        assert model.infill(prefix, suffix, max_new_tokens=8, temperature=0) == want

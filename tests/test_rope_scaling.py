@@ -30,8 +30,9 @@ def fixture(name: str) -> tuple[dict, dict]:
     return json.loads(str(data["meta"])), {k: data[k] for k in data.files if k != "meta"}
 
 
-def write_layout(layout: str, name: str, out: Path) -> Path:
-    """The fixture's model in ``layout``, its RoPE settings spelled as that format spells them."""
+def write_layout(layout: str, name: str, out: Path, tokenizer_model: Path | None = None) -> Path:
+    """The fixture's model in ``layout``, its RoPE settings spelled as that format spells them
+    (a GGUF embeds ``tokenizer_model``'s vocabulary when given)."""
     meta, _ = fixture(name)
     args, config = ModelArgs(**meta["args"]), meta["config_json"]
     source = seeded_source(meta["seed"])
@@ -57,7 +58,8 @@ def write_layout(layout: str, name: str, out: Path) -> Path:
         keys = {"llama.rope.scaling.type": scaling["type"], "llama.rope.scaling.factor": float(scaling["factor"])}
     types = {n: ge.T.F32 for n in ge.meta_shapes(h)}
     out.mkdir(parents=True, exist_ok=True)
-    return ge.write_gguf(out / "model.gguf", h, types, lambda n: source(n, shapes[n]), extra_keys=keys)
+    return ge.write_gguf(out / "model.gguf", h, types, lambda n: source(n, shapes[n]), extra_keys=keys,
+                         tokenizer_model=tokenizer_model)
 
 
 def case_logits(model: Llama2, ids: np.ndarray, ends: np.ndarray) -> np.ndarray:
