@@ -19,7 +19,7 @@ import pytest
 from llama2np import ContextLengthWarning, Llama2, ModelArgs
 from llama2np.errors import ConfigError
 from llama2np.loaders.common import expected_shapes
-from llama2np.model.transformer import rope_frequencies
+from llama2np.model.rope import rope_frequencies
 from llama2np.testing.synthetic import seeded_source, write_hf, write_meta
 
 GOLDEN = Path(__file__).parent / "golden" / "rope"
@@ -56,7 +56,7 @@ def write_layout(layout: str, name: str, out: Path, tokenizer_model: Path | None
     keys = {}
     if scaling:
         keys = {"llama.rope.scaling.type": scaling["type"], "llama.rope.scaling.factor": float(scaling["factor"])}
-    types = {n: ge.T.F32 for n in ge.meta_shapes(h)}
+    types = {n: pytest.importorskip("gguf").GGMLQuantizationType.F32 for n in ge.meta_shapes(h)}
     out.mkdir(parents=True, exist_ok=True)
     return ge.write_gguf(out / "model.gguf", h, types, lambda n: source(n, shapes[n]), extra_keys=keys,
                          tokenizer_model=tokenizer_model)
@@ -250,7 +250,7 @@ def _gguf_with(checkpoints, tmp_path, keys: dict) -> Path:
     source, shapes = seeded_source(meta["seed"]), expected_shapes(args)
     h = ge.HParams(args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.ffn_hidden_dim, args.vocab_size,
                    args.norm_eps, args.rope_theta, 128)
-    types = {n: ge.T.F32 for n in ge.meta_shapes(h)}
+    types = {n: pytest.importorskip("gguf").GGMLQuantizationType.F32 for n in ge.meta_shapes(h)}
     return ge.write_gguf(tmp_path / "m.gguf", h, types, lambda n: source(n, shapes[n]), extra_keys=keys)
 
 
