@@ -186,8 +186,8 @@ def test_kv_reuse_stays_exact_with_dynamic_scaling(checkpoints):
 
 
 def test_batch_rows_are_as_alone_with_dynamic_scaling(checkpoints):
-    """A batch decodes in lockstep, prompts of different lengths fed token by token past the shortest;
-    with dynamic scaling that would rotate them with other bases than alone, so rows run one by one."""
+    """Rows of a batch decode each at its own position; with dynamic scaling each row is rotated with its
+    own pass's base (HF's batch would give every row the longest row's), so each row is as alone."""
     _, ref = fixture("dynamic")
     model = Llama2.from_pretrained(checkpoints["dynamic", "hf"], dtype="float64")
     prompts = [ref["ids"][:36].tolist(), ref["ids"][:45].tolist()]
