@@ -246,7 +246,8 @@ class Llama2:
         config = _config(config, options)
         if config.echo:
             raise InputError("infill returns the middle only: echo=True is for generate")
-        done = self._generate(ids, config, False, draft_model, reuse_cache, eos=_infill.infill_tokens(self.tokenizer).end)
+        eot = _infill.infill_tokens(self.tokenizer).end
+        done = self._generate(ids, config, False, draft_model, reuse_cache, eos=eot)
         return _infill.decode_infilling(self.tokenizer, done.ids if config.logprobs else done)
 
     def perplexity(self, text: str, window: int | None = None, stride: int | None = None) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import shared_path
 
-from llama2np import Llama2
+from llama2np import GenerationConfig, Llama2
 from llama2np.errors import InputError
 from llama2np.generation.infill import decode_infilling, encode_infilling, infill_tokens, infilling_prompt
 from llama2np.model.args import ModelArgs
@@ -99,6 +99,17 @@ def test_infill_generates_until_eot(codellama, tok):
     assert model.last_stats.new_tokens == 5
     greedy = model.generate(prompt + [2], max_new_tokens=4, temperature=0, logit_bias={2: 100.0})
     assert greedy == []  # plain generation does stop at EOS
+
+
+def test_infill_options(codellama):
+    """A config and logprobs give the same middle; echo (the prompt first) is not for infilling."""
+    model = Llama2.from_pretrained(codellama)
+    prefix, suffix = "def add(a, b):\n    ", "return a + b\n"
+    middle = model.infill(prefix, suffix, max_new_tokens=6, temperature=0)
+    config = GenerationConfig(max_new_tokens=6, temperature=0, logprobs=True)
+    assert model.infill(prefix, suffix, config=config) == middle
+    with pytest.raises(InputError, match="echo=True"):
+        model.infill(prefix, suffix, echo=True)
 
 
 def test_a_vocabulary_without_infilling_tokens(tmp_path):
