@@ -143,3 +143,40 @@ def test_drafting_stays_exact_past_the_original_context(path, ids):
     assert drafted.ids == plain.ids
     assert np.abs(np.subtract(drafted.logprobs, plain.logprobs)).max() < 1e-12
     check_generated(model, prompt, plain)
+
+
+def test_rows_are_rotated_as_their_own_pass(path):
+    """RopeTable.rows: row b as a one-token pass ending at positions[b] + 1 (its own base past the context)."""
+    from llama2np.model.rope import rope_tables
+
+    model = load(path).model
+    positions = np.array([5, 40, 31, 33, 63])
+    got = model.rope.rows(positions)
+    for b, p in enumerate(positions):
+        np.testing.assert_array_equal(got[b], rope_tables(model.args, np.float64, p + 1, p, seq_len=p + 1)[0])
+    assert np.abs(got[1] - model.rope(0, 64)[40]).max() > 1e-3  # not the batch's longest row's base
+
+
+def test_passes_as_generation_groups_them(path, ids):
+    """The prefix cache computes positions in generation's passes: within the context one pass; past it the
+    plain part in one, then one per decoded position (a prompt past it: the prompt in one)."""
+    from llama2np.generation.prefix_cache import PrefixCache
+
+    model = load(path)
+    calls = []
+    forward = model.model.forward
+    model.model.forward = lambda tokens, start=0, cache=None, on_layer=None: (
+        calls.append((start, start + tokens.shape[1])) or forward(tokens, start, cache, on_layer))
+    cache = PrefixCache(model.model)
+    cache.forward(ids[:30], prompt_len=10)
+    assert calls == [(0, 30)]
+    calls.clear()
+    cache.forward(ids[:10] + ids[40:50], prompt_len=10)  # shares 10 positions
+    assert calls == [(10, 20)]
+    calls.clear()
+    cache = PrefixCache(model.model)
+    cache.forward(ids[:36], prompt_len=20)
+    assert calls == [(0, 32), (32, 33), (33, 34), (34, 35), (35, 36)]
+    calls.clear()
+    PrefixCache(model.model).forward(ids[:38], prompt_len=34)
+    assert calls == [(0, 34), (34, 35), (35, 36), (36, 37), (37, 38)]
