@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import InputError, TokenizerError
 from .generation import chat as _chat
+from .generation import infill as _infill
 from .generation.config import GenerationConfig
 from .generation.generate import generate as _generate
 from .generation.prefix_cache import PrefixCache
@@ -229,6 +230,25 @@ class Llama2:
                         seed=seed, stop=stop)
         return self._generate(ids, _config(config, options), stream, draft_model, reuse_cache,
                               text_context=False, text_out=True)
+
+    def infill(self, prefix: str, suffix: str, max_new_tokens: int = UNSET, temperature: float = UNSET,
+               top_p: float = UNSET, top_k: int | None = UNSET, seed=UNSET, suffix_first: bool = False, *,
+               draft_model: "Llama2 | str | Path | None" = None, reuse_cache: bool = True,
+               config: GenerationConfig | None = None, **options) -> str:
+        """CodeLlama's fill-in-the-middle: the text that goes between ``prefix`` and ``suffix``.
+
+        The prompt is Meta's codellama ``infilling_prompt_tokens`` (BOS <PRE> prefix <SUF> suffix <MID>;
+        suffix_first=True: BOS <PRE> <SUF> suffix <MID> prefix); the middle ends at <EOT>. A model whose
+        vocabulary has no infilling tokens is an InputError. options: as for ``generate``.
+        """
+        ids = _infill.infilling_prompt(self.tokenizer, prefix, suffix, suffix_first)
+        options |= dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        config = _config(config, options)
+        if config.echo:
+            raise InputError("infill returns the middle only: echo=True is for generate")
+        eot = _infill.infill_tokens(self.tokenizer).end
+        done = self._generate(ids, config, False, draft_model, reuse_cache, eos=eot)
+        return _infill.decode_infilling(self.tokenizer, done.ids if config.logprobs else done)
 
     def perplexity(self, text: str, window: int | None = None, stride: int | None = None) -> float:
         """exp(mean negative log-likelihood) of ``text`` (BOS prepended), windowed over the context length."""

@@ -216,7 +216,7 @@ def test_wrong_tensor_shape(layout, state, tmp_path):
     ("intermediate_size", 64, CheckpointError, r"w1\.weight has shape \(96, 32\).*implies \(64, 32\)"),
     ("num_attention_heads", 8, CheckpointError, r"wk\.weight has shape"),
     ("vocab_size", 100, ConfigError, r"config\.json: vocab_size=100"),
-    ("rope_scaling", {"type": "linear", "factor": 2.0}, ConfigError, r"config\.json: rope_scaling .* not supported"),
+    ("rope_scaling", {"type": "yarn", "factor": 2.0}, ConfigError, r"config\.json: rope_scaling.* not supported"),
 ])
 def test_config_json_disagreeing_with_tensors(key, value, error, match, state, tmp_path):
     write_hf(tmp_path, ARGS, source_of(state), "float32")

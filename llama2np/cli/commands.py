@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import InputError, Llama2npError, TokenizerError
 from ..generation.chat import check_content, fit_dialog
 from ..generation.config import GenerationConfig
+from .infill import cmd_infill
 from .io import check_output_path, check_streams, check_utf8, stdin_keeps_bad_bytes, write_atomically
 from .parser import PROG, build_parser
 from .serve import cmd_serve
@@ -131,6 +132,8 @@ def cmd_generate(args) -> int:
     for s in args.stop or []:
         check_utf8(s, "--stop")
     config = _config(args, stop=args.stop)
+    if args.suffix is not None:
+        return cmd_infill(args, config, load_model, _say)
     model = load_model(args)
     stream = model.generate(args.prompt, stream=True, config=config, draft_model=args.draft_model)
     out = sys.stdout

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "speed go to stderr at the end.")
     p.add_argument("--prompt", default="", metavar="TEXT", help='text to continue (default: "", start from BOS)')
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
+    p.add_argument("--suffix", metavar="TEXT", help="fill in the middle (CodeLlama): write what goes between the "
+                   "prompt and TEXT, until <EOT>; prints prompt, middle and suffix")
     _model_options(p)
     _sampling_options(p, 256)
     p.set_defaults(run="generate")

@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..model.rope import plain_rope_len
 from ..model.transformer import Transformer
 from ..progress import layer_callback
 from .drafting import Draft, Drafter, verify
@@ -131,13 +132,15 @@ class _Single:
         n = len(ids)
         draft = None
         if self.started and self.drafter is not None:
+            # a draft is checked in one pass, which must rotate as one pass per token would: with dynamic
+            # RoPE scaling only within the original context (past it, decoding is one token per pass)
             k = min(self.num_draft, r.max_new_tokens - len(r.new_ids) - 1, r.context_len - n - 1,
-                    self.prefix.max_seq_len - n, self.drafter.room(n))
+                    self.prefix.max_seq_len - n, self.drafter.room(n), plain_rope_len(self.prefix.model.args) - n)
             if k > 0:
                 draft = self.drafter.propose(ids, k, r.config, r.rng, r.prompt, r.new_ids)
         fed = ids + (draft.ids if draft else [])
         start, logits = self.prefix.forward(fed, reuse_upto=n - 1 if self.started else None,
-                                            progress=self.progress)
+                                            progress=self.progress, prompt_len=len(r.prompt))
         if not self.started:
             stats.prompt_tokens += n - start
             stats.cached_tokens += start

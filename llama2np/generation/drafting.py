@@ -103,7 +103,8 @@ class DraftModel:
         """k draft ids and, when sampling, q: the (k, vocab) distributions they were drawn from."""
         draft, qs = [], []
         for _ in range(k):
-            _, logits = self.prefix.forward(list(ids) + draft)  # the last position's logits are the last row
+            # the last position's logits are the last row; the draft model's own RoPE as in its generation
+            _, logits = self.prefix.forward(list(ids) + draft, prompt_len=len(prompt))
             x, e = process_scores(logits[-1:], config, [(prompt, list(new_ids) + draft)])  # (1, vocab)
             if config.greedy:
                 draft.append(int(greedy(x)[0]))

@@ -90,12 +90,14 @@ class GenerationStream:
 
 
 def new_request(model: Transformer, tokenizer: Tokenizer | None, prompt, config: GenerationConfig,
-                rng: np.random.Generator | None = None, text_context: bool = True, text_out: bool = False) -> Request:
+                rng: np.random.Generator | None = None, text_context: bool = True, text_out: bool = False,
+                eos: int | None = None) -> Request:
     """A ``Request`` for one prompt (a str, or token ids), ready for ``Decoder.add``; InputError on a bad prompt.
 
     rng: its random generator (default: ``default_rng(config.seed)``, a list of seeds
     being for batches). Its text is decoded when the prompt is text, text_out is set or
-    there are stop strings (all three need the tokenizer; see ``generate``).
+    there are stop strings (all three need the tokenizer; see ``generate``). eos: the token
+    that ends it instead of the tokenizer's EOS (CodeLlama's <EOT> when infilling).
     """
     if rng is None:
         if isinstance(config.seed, tuple):
@@ -111,21 +113,23 @@ def new_request(model: Transformer, tokenizer: Tokenizer | None, prompt, config:
     args = model.args
     ids = _prompt_ids(prompt, tokenizer, args.vocab_size, args.max_seq_len)
     decoder = tokenizer.stream(ids if text_context else ()) if as_text or config.stop else None
-    eos = tokenizer.eos_id if tokenizer is not None else LLAMA_EOS
+    if eos is None:
+        eos = tokenizer.eos_id if tokenizer is not None else LLAMA_EOS
     return Request(ids, config, rng, args.max_seq_len, eos, decoder, prompt if isinstance(prompt, str) else None)
 
 
 def generate(model: Transformer, tokenizer: Tokenizer | None, prompt, config: GenerationConfig, *,
              stream: bool = False, text_context: bool = True, text_out: bool = False,
              draft_model: Transformer | None = None, prefix: PrefixCache | None = None,
-             draft_prefix: PrefixCache | None = None, stats: Stats | None = None, progress: bool | None = None):
+             draft_prefix: PrefixCache | None = None, stats: Stats | None = None, progress: bool | None = None,
+             eos: int | None = None):
     """See ``Llama2.generate``.
 
     text_context=False decodes the new tokens on their own rather than as the prompt's
     continuation; text_out=True returns text for id prompts too (both for chat).
     prefix: a single prompt decodes through this kept KV cache (KV reuse); draft_prefix
     the same for the draft model. stats: filled in with the call's counts and timings.
-    progress: bars on long prefills (None: on a terminal or in a notebook).
+    progress: bars on long prefills (None: on a terminal or in a notebook). eos: see ``new_request``.
     """
     if not isinstance(config, GenerationConfig):
         raise InputError(f"config must be a GenerationConfig, got {type(config).__name__}")
@@ -136,7 +140,7 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompt, config: Ge
         raise InputError("stream=True takes one prompt, not a batch")
     rngs = make_rngs(config.seed, len(prompts))
     as_text = [text_out or isinstance(p, str) for p in prompts]
-    requests = [new_request(model, tokenizer, p, config, rng, text_context, text_out)
+    requests = [new_request(model, tokenizer, p, config, rng, text_context, text_out, eos)
                 for p, rng in zip(prompts, rngs)]
 
     stats = stats if stats is not None else Stats()

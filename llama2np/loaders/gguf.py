@@ -11,7 +11,9 @@ against llama.cpp's ``convert_hf_to_gguf.py`` and ``gguf-py``:
   ``attention.head_count`` / ``attention.head_count_kv`` (n_heads /
   n_kv_heads, default n_heads), ``attention.layer_norm_rms_epsilon``
   (norm_eps), ``rope.freq_base`` (rope_theta, default 10000) and
-  ``context_length`` (max_seq_len). GGUF stores them as float32: a float is
+  ``context_length`` (max_seq_len); RoPE scaling from ``rope.scaling.type`` /
+  ``rope.scaling.factor`` (older files: ``rope.scale_linear``), linear only
+  (``rope_scaling_metadata``). GGUF stores them as float32: a float is
   read back as the shortest decimal that rounds to the same float32 (1e-05,
   not 9.99999975e-06), which is the number the model's own config held.
 * Tensor names: ``token_embd`` -> ``tok_embeddings``, ``output_norm`` ->
@@ -58,6 +60,7 @@ from ..model.threads import num_threads, run_parallel
 from .common import LazyStateDict, make_args
 from .gguf_blocks import decode_tensor, supported
 from .gguf_header import check_gguf_header
+from .gguf_rope import rope_scaling_metadata
 
 # GGUF name (after "blk.N.") -> Meta name (after "layers.N.")
 LAYER_NAMES = {
@@ -179,9 +182,8 @@ def read_args(reader, path: Path, vocab_rows: int, max_seq_len: int | None):
                   norm_eps=metadata(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
                   rope_theta=metadata(reader, "llama.rope.freq_base", 10000.0), vocab_size=vocab_rows,
                   max_seq_len=metadata(reader, "llama.context_length", 4096))
-    scaling = metadata(reader, "llama.rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        raise ConfigError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported (Llama 2 uses plain RoPE)")
+    rope = {f.name: metadata(reader, f.name) for f in reader.fields.values() if f.name.startswith("llama.rope.")}
+    params.update(rope_scaling_metadata(rope, path))
     args = make_args(params, path, max_seq_len)  # warns past the trained context_length
     rope_dims = metadata(reader, "llama.rope.dimension_count", args.head_dim)
     if rope_dims != args.head_dim:
@@ -246,6 +248,8 @@ def load_gguf(path: Path, max_seq_len: int | None = None):
     reader = open_reader(path)
     makers, specs, checked = {}, {}, set()
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # per-frequency factors: Llama 3's RoPE scaling
+            raise ConfigError(f"{path}: tensor rope_freqs.weight (Llama 3's RoPE frequency scaling) is not supported")
         name = meta_name(tensor.name) or tensor.name  # unknown: kept under its own name, validate reports it
         _check_type(gguf, tensor, path, checked)
         make, shape, dtype = _maker(gguf, tensor)

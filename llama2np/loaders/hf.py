@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
-from ..model.args import ModelArgs, check_fields, require_object
+from ..model.args import ModelArgs, check_fields, merge_rope_theta, require_object, rope_scaling_fields
 from ..model.storage import is_bf16
 from .common import LazyStateDict, make_args, progress_bar
 from .safetensors_file import open_safetensors
@@ -137,14 +137,23 @@ def read_config(directory: Path, vocab_rows: int | None, max_seq_len: int | None
     check_fields(require_object(c, str(path)), _CONFIG_KINDS, str(path), optional=_OPTIONAL)
     if c.get("model_type", "llama") != "llama":
         raise ConfigError(f"{path}: model_type {c['model_type']!r} is not a Llama model")
-    if c.get("rope_scaling") is not None:
-        raise ConfigError(f"{path}: rope_scaling {c['rope_scaling']!r} is not supported (Llama 2 uses none)")
-    # transformers >= 5 writes theta inside "rope_parameters" instead of a top-level "rope_theta".
-    rope = c.get("rope_parameters") or {}
-    check_fields(rope, {"rope_theta": "positive number", "rope_type": "str"}, f"{path}: rope_parameters")
-    if rope.get("rope_type", "default") != "default":
-        raise ConfigError(f"{path}: rope_type {rope['rope_type']!r} is not supported (Llama 2 uses plain RoPE)")
-    rope_theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
+    # RoPE: "rope_scaling" (transformers < 5: {"type" | "rope_type": ..., "factor": ...}) or
+    # "rope_parameters" (transformers >= 5, which keeps rope_theta there too); HF reads rope_scaling first.
+    scaling = c.get("rope_scaling")
+    where = f"{path}: rope_scaling" if scaling is not None else f"{path}: rope_parameters"
+    context = c.get("max_position_embeddings", 4096)
+    rope = rope_scaling_fields(scaling if scaling is not None else c.get("rope_parameters"), context, where)
+    params_rope = rope_scaling_fields(c.get("rope_parameters"), context, f"{path}: rope_parameters")
+    if scaling is not None and params_rope.get("rope_scaling") not in (None, rope.get("rope_scaling")):
+        raise ConfigError(f"{path}: rope_scaling and rope_parameters state different RoPE scalings")
+    merge_rope_theta(c, rope, where)
+    merge_rope_theta(c, params_rope, f"{path}: rope_parameters")
+    rope_theta = rope.pop("rope_theta", c.get("rope_theta", params_rope.get("rope_theta", 10000.0)))
+    if rope.get("rope_scaling") == "linear" and "max_sequence_length" in c:
+        # LMSYS's long-context fine-tunes (Vicuna-7B-v1.5-16k) keep Llama 2's 4096 as
+        # max_position_embeddings and state the stretched context here
+        check_fields(c, {"max_sequence_length": "positive int"}, str(path))
+        context = max(context, c["max_sequence_length"])
     if c.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{path}: hidden_act {c['hidden_act']!r} is not supported (Llama 2 uses silu)")
     if c.get("attention_bias") or c.get("mlp_bias"):
@@ -160,7 +169,7 @@ def read_config(directory: Path, vocab_rows: int | None, max_seq_len: int | None
               "n_heads": c["num_attention_heads"], "n_kv_heads": c.get("num_key_value_heads"),
               "vocab_size": vocab_rows if vocab_rows is not None else c.get("vocab_size", -1),
               "norm_eps": c.get("rms_norm_eps", 1e-6), "rope_theta": rope_theta,
-              "max_seq_len": c.get("max_position_embeddings", 4096)}
+              "max_seq_len": context, **rope}
     try:
         args = make_args(params, path, max_seq_len)
     except ConfigError as e:  # ModelArgs names its own fields: say which config.json keys they are

@@ -25,6 +25,7 @@ from .args import ModelArgs
 from .kv_cache import KVCache
 from .linear import Int8Linear, Linear, QuantizedTensor
 from .quant_blocks import is_block_quantized, make_block_linear
+from .rope import RopeTable, rope_tables  # noqa: F401 (rope_tables: re-exported for callers that build layers)
 from .storage import check_finite_fp16, to_float
 from .threads import blas_threads
 from .tuning import tune_for
@@ -36,35 +37,6 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x / sqrt(mean(x^2) + eps) * weight, over the last axis."""
     ms = np.square(x).sum(axis=-1, keepdims=True) / x.shape[-1]
     return x * (1.0 / np.sqrt(ms + eps)) * weight
-
-
-def rope_tables(args: ModelArgs, dtype: np.dtype, length: int | None = None) -> np.ndarray:
-    """e^(i * position * frequency) for positions [0, length) (default max_seq_len): (length, head_dim // 2) complex.
-
-    Meta's ``freqs_cis``. Angles are computed in float64 and only then rounded to
-    the compute dtype, so float64 logits are not limited by a float32 angle.
-    """
-    half = args.head_dim // 2
-    freqs = 1.0 / args.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / args.head_dim)
-    angles = np.outer(np.arange(args.max_seq_len if length is None else length, dtype=np.float64), freqs)
-    rotation = np.empty(angles.shape, dtype=np.result_type(dtype, np.complex64))
-    rotation.real, rotation.imag = np.cos(angles), np.sin(angles)
-    return rotation
-
-
-class RopeTable:
-    """``rope_tables`` built as far as calls reach (doubling, at most max_seq_len), so a long
-    max_seq_len costs memory only once positions that far are used."""
-
-    def __init__(self, args: ModelArgs, dtype: np.dtype):
-        self.args, self.dtype, self.table = args, dtype, rope_tables(args, dtype, 0)
-
-    def __call__(self, start: int, end: int) -> np.ndarray:
-        """Rotations of positions [start, end): (end - start, head_dim // 2) complex."""
-        if end > len(self.table):
-            length = min(self.args.max_seq_len, max(end, 2 * len(self.table), 256))
-            self.table = rope_tables(self.args, self.dtype, length)
-        return self.table[start:end]
 
 
 def apply_rope(x: np.ndarray, rotation: np.ndarray) -> np.ndarray:
@@ -364,7 +336,7 @@ class Transformer:
             raise InputError(f"positions {positions.min()}..{end - 1} are outside the context length "
                              f"{cache.max_seq_len}")
         cache.reserve(end)
-        rotation = self.rope(0, end)[positions][:, None]  # (batch, 1, head_dim // 2)
+        rotation = self.rope.rows(positions)[:, None]  # (batch, 1, head_dim // 2)
         later = np.arange(end) > positions[:, None]  # (batch, end): positions after each row's own
         mask = np.where(later, -np.inf, 0.0).astype(self.dtype)[:, None, None, None, :]  # (batch, 1, 1, 1, end)
         return self._layers(tokens, positions, rotation, mask, cache, None)

@@ -170,12 +170,14 @@ Producer = Callable[[str], np.ndarray]
 def write_gguf(path: Path, h: HParams, types: dict[str, T], produce: Producer,
                tokenizer_model: Path | None = None, name: str = "llama2np fixture", arch: str = "llama",
                skip: Iterable[str] = (), skip_keys: Iterable[str] = (), metadata_from: HParams | None = None,
-               extra: dict[str, np.ndarray] | None = None) -> Path:
+               extra: dict[str, np.ndarray] | None = None,
+               extra_keys: dict[str, str | int | float] | None = None) -> Path:
     """Stream a GGUF to ``path``: header, metadata, tensor infos, then one tensor at a time.
 
     ``skip`` (Meta tensor names), ``skip_keys`` (metadata keys), ``arch``, ``metadata_from`` (other
     hyper-parameters in the metadata than the tensors have) and ``extra`` (float32 tensors under GGUF
-    names of their own) let tests write broken files.
+    names of their own) let tests write broken files. ``extra_keys``: more metadata (a str as a
+    string, an int as uint32, a float as float32), e.g. ``llama.rope.scaling.*``.
     """
     import gguf
     from gguf import GGMLQuantizationType as T
@@ -193,6 +195,9 @@ def write_gguf(path: Path, h: HParams, types: dict[str, T], produce: Producer,
     for key, value in floats.items():
         if key not in skip_keys:
             w.add_float32(key, value)
+    for key, value in (extra_keys or {}).items():
+        add = w.add_string if isinstance(value, str) else w.add_uint32 if isinstance(value, int) else w.add_float32
+        add(key, value)
     if tokenizer_model is not None:
         add_vocab(w, tokenizer_model)
     shapes = {n: s for n, s in meta_shapes(h).items() if n not in skip}

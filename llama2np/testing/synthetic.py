@@ -24,6 +24,7 @@ import dataclasses
 import json
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -179,6 +180,23 @@ def write_llama2c(path: Path, args: ModelArgs, source: Source, tied: bool = Fals
         f.write(np.zeros(2 * args.max_seq_len * (args.head_dim // 2), dtype="<f4").tobytes())  # freq_cis
         if not tied:
             f.write(get("output.weight").tobytes())
+
+
+def seeded_source(seed: int = 0, output_scale: float = 2.5) -> Source:
+    """Normal random weights, each tensor from its own generator (seed, crc32 of its name): the same
+    values whatever order tensors are asked in, so a reference script and a test can share a model
+    without a file. Embeddings ~N(0, 1), matrices ~N(0, 1/in_features) (the classifier
+    ``output_scale`` times that, so logits spread), norm weights uniform in [0.5, 1.5); float32."""
+    def source(name: str, shape: tuple) -> np.ndarray:
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        if name.endswith("norm.weight") or name == "rope.freqs":
+            return (0.5 + rng.random(shape)).astype(np.float32)
+        w = rng.standard_normal(shape)
+        if name != "tok_embeddings.weight":
+            w *= (output_scale if name == "output.weight" else 1.0) / np.sqrt(shape[-1])
+        return w.astype(np.float32)
+
+    return source
 
 
 def random_source(args: ModelArgs, dtype: str, seed: int = 0) -> Source:

@@ -42,13 +42,20 @@ def _rms_norm_forward_native(self, hidden_states):
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
 
-def float64_hf(model: LlamaForCausalLM) -> LlamaForCausalLM:
-    """A float64 copy of ``model`` that really computes every step in float64."""
+def float64_hf_keep_rope(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """A float64 copy of ``model`` with RMSNorm and attention in float64 and HF's own RoPE untouched
+    (its frequencies in float32, its RoPE scaling: ``make_rope_golden.py``)."""
     ref = copy.deepcopy(model).double().eval()
     ref.config._attn_implementation = "sdpa"
     for module in ref.modules():
         if isinstance(module, LlamaRMSNorm):
             module.forward = types.MethodType(_rms_norm_forward_native, module)
+    return ref
+
+
+def float64_hf(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """A float64 copy of ``model`` that really computes every step in float64."""
+    ref = float64_hf_keep_rope(model)
     rotary = ref.model.rotary_emb
     rotary.forward = types.MethodType(_rotary_forward_float64, rotary)
     cos, _ = rotary(torch.zeros(1, dtype=torch.float64), torch.arange(4)[None])

@@ -376,6 +376,10 @@ def main() -> None:
     from make_gguf_golden import write_all  # needs the gguf extra too
 
     write_all(out)
+    print("RoPE scaling and CodeLlama-shaped references:")
+    from make_rope_golden import write_all as write_rope
+
+    write_rope(out / "rope")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {len(manifest)} fixtures to {out} ({size / 1e6:.2f} MB)")
 
