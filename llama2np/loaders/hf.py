@@ -137,8 +137,8 @@ def read_config(directory: Path, vocab_rows: int | None, max_seq_len: int | None
     check_fields(require_object(c, str(path)), _CONFIG_KINDS, str(path), optional=_OPTIONAL)
     if c.get("model_type", "llama") != "llama":
         raise ConfigError(f"{path}: model_type {c['model_type']!r} is not a Llama model")
-    # RoPE: "rope_scaling" (transformers < 5: {"type" | "rope_type": ..., "factor": ...}) or
-    # "rope_parameters" (transformers >= 5, which keeps rope_theta there too); HF reads rope_scaling first.
+    # RoPE: "rope_scaling" (Hugging Face configs before v5: {"type" | "rope_type": ..., "factor": ...}) or
+    # "rope_parameters" (v5 configs, which keeps rope_theta there too); HF reads rope_scaling first.
     scaling = c.get("rope_scaling")
     where = f"{path}: rope_scaling" if scaling is not None else f"{path}: rope_parameters"
     context = c.get("max_position_embeddings", 4096)

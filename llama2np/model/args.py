@@ -202,7 +202,7 @@ def rope_scaling_fields(scaling, context, where: str) -> dict:
     of a RoPE scaling in Hugging Face's spelling: ``{"type" | "rope_type": ..., "factor": ...}``.
 
     ``context``: the context length the config states (config.json's max_position_embeddings).
-    Computed as transformers' ``modeling_rope_utils`` does:
+    Computed as Hugging Face's ``modeling_rope_utils`` does:
 
     * linear (position interpolation, Chen et al. 2023): positions / factor. The context is the
       stated one (a checkpoint extended to 32K says 32768).
@@ -212,7 +212,7 @@ def rope_scaling_fields(scaling, context, where: str) -> dict:
 
     Any other type (yarn, llama3, longrope, ...) is a ConfigError naming it: run as plain RoPE
     it would load and give wrong logits. ``where`` names the config in errors. A ``rope_theta``
-    inside (transformers >= 5 keeps it there) comes back as the rope_theta field.
+    inside (Hugging Face v5 keeps it there) comes back as the rope_theta field.
     """
     if scaling is None:
         return {}
@@ -225,7 +225,7 @@ def rope_scaling_fields(scaling, context, where: str) -> dict:
         raise ConfigError(f"{where}: type {scaling['type']!r} and rope_type {scaling['rope_type']!r} disagree")
     kind = kinds.pop() if kinds else "default"
     theta = {"rope_theta": scaling["rope_theta"]} if "rope_theta" in scaling else {}
-    if kind == "default":  # plain RoPE (transformers >= 5 writes {"rope_type": "default", "rope_theta": ...})
+    if kind == "default":  # plain RoPE (Hugging Face v5 writes {"rope_type": "default", "rope_theta": ...})
         stray = sorted(set(scaling) - {"type", "rope_type", "rope_theta"})
         if stray:
             raise ConfigError(f"{where}: {', '.join(stray)} without a scaling type (plain RoPE has none)")
