@@ -222,3 +222,24 @@ def test_tensor_parallel_slices(world):
     model = _SlicedModel(load_checkpoint(GOLDEN / entry["dir"]), world)
     check(f"gqa2 tensor parallel N={world} prefill", model.forward(ids[None])[0], want)
     check(f"gqa2 tensor parallel N={world} kv cache", one_at_a_time(model, ids), want)
+
+
+def test_gguf_metadata_eps_and_rope_base(tmp_path):
+    """mqa_bf16 (norm_eps 1e-6, rope_theta 1e6, not the defaults) written as an F32 GGUF: its logits."""
+    pytest.importorskip("gguf")
+    from gguf import GGMLQuantizationType as T
+
+    from llama2np.testing import gguf_export as ge
+
+    entry = MANIFEST["mqa_bf16"]
+    ids, want = reference(entry["reference"])
+    ckpt = load_checkpoint(GOLDEN / entry["dir"])
+    a = ckpt.args
+    assert (a.norm_eps, a.rope_theta) == (1e-6, 1e6)
+    h = ge.HParams(a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.ffn_hidden_dim, a.vocab_size, a.norm_eps,
+                   a.rope_theta, a.max_seq_len)
+    path = ge.write_gguf(tmp_path / "mqa.gguf", h, {n: T.F32 for n in ge.meta_shapes(h)},
+                         lambda n: to_float(ckpt.state[n], np.float32))  # GGUF keeps Meta's row order
+    llama = Llama2.from_pretrained(path, dtype="float64")
+    assert (llama.args.norm_eps, llama.args.rope_theta) == (1e-6, 1e6)
+    check("mqa_bf16 as GGUF prefill", llama.model.forward(ids[None])[0], want)
