@@ -25,7 +25,8 @@ from llama2np.model.linear import quantize_int8
 def test_min_p_after_top_p_where_the_order_matters():
     """min-p-before-top-p: min-p first would renormalise the tail away and let top-p cut one more."""
     logits = np.log(np.array([[0.4, 0.35, 0.25]]))
-    # top_p 0.5: the masses before are 0, 0.4, 0.75, so 0.4 and 0.35 stay: 8/15, 7/15; min_p 0.7 x 8/15 < 7/15 keeps both.
+    # top_p 0.5: the masses before are 0, 0.4, 0.75, so 0.4 and 0.35 stay: 8/15, 7/15;
+    # min_p 0.7 x 8/15 < 7/15 then keeps both.
     # (min-p first drops 0.25, renormalises to 8/15, 7/15, and top-p then sees 8/15 > 0.5 before the second.)
     got = filtered_probs(logits, GenerationConfig(temperature=1.0, top_p=0.5, min_p=0.7))[0]
     np.testing.assert_allclose(got, [8 / 15, 7 / 15, 0.0], rtol=1e-12)
