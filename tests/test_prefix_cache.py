@@ -57,8 +57,8 @@ def test_chat_second_turn_prefills_only_the_new_turn(demo):
     first = demo.last_stats
     assert first.cached_tokens == 0 and first.prompt_tokens == len(dialog_tokens(demo.tokenizer, turn1))
     turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And a dog?"}]
-    assert demo.chat(turn2, max_new_tokens=12, temperature=0) == \
-        demo.chat(turn2, max_new_tokens=12, temperature=0, reuse_cache=False)
+    want = demo.chat(turn2, max_new_tokens=12, temperature=0, reuse_cache=False)
+    assert demo.chat(turn2, max_new_tokens=12, temperature=0) == want
     again = demo.chat(turn2, max_new_tokens=12, temperature=0, reuse_cache=True)
     demo.clear_cache()
     demo.chat(turn1, max_new_tokens=12, temperature=0)
@@ -68,7 +68,7 @@ def test_chat_second_turn_prefills_only_the_new_turn(demo):
     new_turn = len(demo.tokenizer.encode("[INST] And a dog? [/INST]", bos=True)) + 1  # + the first turn's EOS
     assert second.cached_tokens + second.prompt_tokens == total
     assert second.prompt_tokens <= new_turn + 3  # at most a few re-tokenised pieces of the answer's end
-    assert again == answer or isinstance(again, str)
+    assert again == want  # the kept cache (turn 2 just decoded through it) changes nothing
 
 
 def test_an_interrupted_forward_leaves_no_stale_prefix(monkeypatch):

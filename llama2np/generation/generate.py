@@ -9,6 +9,7 @@ import numpy as np
 from ..checks import is_int
 from ..errors import InputError
 from ..model.transformer import Transformer
+from ..token_ids import check_token_ids
 from ..tokenizer import Tokenizer, check_text
 from .config import GenerationConfig
 from .decode import Decoder
@@ -23,7 +24,10 @@ LLAMA_BOS, LLAMA_EOS = 1, 2  # used for id prompts when the model has no tokeniz
 def _as_prompts(prompt) -> tuple[list, bool]:
     """(list of single prompts, whether a batch was given); each prompt a str or a list of ints."""
     def single(p) -> bool:
-        return isinstance(p, str) or (isinstance(p, (list, tuple, np.ndarray)) and all(is_int(t) for t in p))
+        if isinstance(p, np.ndarray):  # ids as an array: flat and integer, or an InputError saying what it is
+            check_token_ids(p, np.iinfo(np.int64).max, "the prompt")  # the vocabulary is checked in _prompt_ids
+            return True
+        return isinstance(p, str) or (isinstance(p, (list, tuple)) and all(is_int(t) for t in p))
 
     if single(prompt):
         return [prompt], False
