@@ -17,6 +17,7 @@ when each runs alone). First, for comparison, the engine without the server:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import threading
 import time
@@ -63,14 +64,15 @@ def main() -> None:
         return time.perf_counter() - t0
 
     ask(0)  # warm up
-    print(f"{name} ({args.dtype}), {args.max_tokens} new tokens per request, {args.requests} requests per client")
+    print(f"{name} ({args.dtype}), {args.max_tokens} new tokens per request, {args.requests} requests per client; "
+          f"load average {os.getloadavg()[0]:.1f} (other jobs on this machine skew the figures)")
     bias = {model.tokenizer.eos_id: -100.0}
     t0 = time.perf_counter()
     for seed in range(1, args.requests + 1):
         model.generate(args.prompt, max_new_tokens=args.max_tokens, temperature=0.8, top_p=1.0, seed=seed,
                        logit_bias=bias, reuse_cache=False)
     alone = args.requests * args.max_tokens / (time.perf_counter() - t0)
-    print(f"engine alone (Llama2.generate, one request after another): {alone:.1f} tokens/s")
+    print(f"engine alone (Llama2.generate, one request after another): {alone:.2f} tokens/s")
     print(f"{'clients':>7} {'tokens/s':>9} {'median latency s':>17} {'forwards/token':>15}")
     for n in [int(c) for c in args.clients.split(",")]:
         before = httpx.get(f"{url}/health").json()
@@ -81,7 +83,8 @@ def main() -> None:
         after = httpx.get(f"{url}/health").json()
         tokens = n * args.requests * args.max_tokens
         passes = after["forward_passes"] - before["forward_passes"]
-        print(f"{n:>7} {tokens / wall:>9.1f} {statistics.median(latencies):>17.2f} {passes / tokens:>15.2f}")
+        print(f"{n:>7} {tokens / wall:>9.2f} {statistics.median(latencies):>17.2f} {passes / tokens:>15.2f}"
+              f"   (load average {os.getloadavg()[0]:.1f})")
     servers[0].should_exit = True
 
 
