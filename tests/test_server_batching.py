@@ -191,7 +191,8 @@ def test_chat_unknown_model_and_streamed_chat_logprobs(served_demo):
     streamed, want = ends[-1]["choices"][0]["logprobs"]["content"], whole["choices"][0]["logprobs"]["content"]
     assert len(want) == whole["usage"]["completion_tokens"] and len(streamed) == len(want)
     for s, w in zip(streamed, want):  # the same tokens, log-probabilities and alternatives
-        assert (s["token"], [t["token"] for t in s["top_logprobs"]]) == (w["token"], [t["token"] for t in w["top_logprobs"]])
+        assert [s["token"]] + [t["token"] for t in s["top_logprobs"]] == \
+            [w["token"]] + [t["token"] for t in w["top_logprobs"]]
         np.testing.assert_allclose([s["logprob"]] + [t["logprob"] for t in s["top_logprobs"]],
                                    [w["logprob"]] + [t["logprob"] for t in w["top_logprobs"]], rtol=0, atol=1e-9)
 
