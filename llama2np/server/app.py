@@ -108,7 +108,10 @@ def create_app(model: Llama2, model_id: str, api_key: str | None = None, max_que
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "waiting": worker.queue.qsize(), "busy": worker.busy}
+        stats = worker.stats
+        return {"status": "ok", "waiting": worker.queue.qsize(), "busy": worker.busy, "running": worker.running,
+                "forward_passes": stats.forward_passes, "prompt_tokens": stats.prompt_tokens,
+                "new_tokens": stats.new_tokens}
 
     auth = [Depends(check_key)]
 
@@ -227,6 +230,8 @@ async def _result(job: Job, request: Request):
                 raise rest[0]
             if kind == "crash":
                 raise ApiError(500, f"internal error: {type(rest[0]).__name__}: {rest[0]}", "server_error")
+            if kind == "cancelled":  # its client went away: nobody reads this answer
+                raise ApiError(499, "the client closed the connection", code="cancelled")
     finally:
         watcher.cancel()
 
@@ -243,6 +248,8 @@ def _sse(job: Job, piece, last) -> StreamingResponse:
                     for chunk in last(*rest[0]):
                         yield _data(chunk)
                     break
+                elif kind == "cancelled":  # the client went away: nobody reads the rest
+                    return
                 else:
                     status, type_ = (400, "invalid_request_error") if kind == "error" else (500, "server_error")
                     yield _data({"error": {"message": str(rest[0]), "type": type_, "param": None, "code": status}})

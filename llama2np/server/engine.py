@@ -3,9 +3,10 @@
 This is the only module of the server that calls the model. A request's options
 become a ``GenerationConfig`` (checked before the request is queued, so a bad one
 is answered at once), its prompts become token ids, and ``Engine`` runs them in
-the engine's ``Decoder``: requests join between steps and leave when they finish
-or their client goes away; the requests that start at the same step decode in
-lockstep (one forward per step for all of them).
+the engine's ``Decoder`` (continuous batching): a request added between two steps
+is prefilled at the next one and then joins the running batch, one forward per
+step for every running request, each at its own position; it leaves the batch
+when it finishes or its client goes away.
 
 Log-probabilities are those OpenAI defines: log-softmax of the model's logits
 at temperature 1, whatever the sampling options, i.e. of exactly what
@@ -25,16 +26,13 @@ from ..checks import is_int
 from ..errors import InputError
 from ..generation.chat import dialog_tokens
 from ..generation.config import GenerationConfig
-from ..generation.decode import Decoder, Request
+from ..generation.decode import Decoder, Request, Stats
 from ..generation.generate import new_request
 from ..generation.sampling import log_softmax
 from ..llama import Llama2
 
 MAX_TOP_LOGPROBS = 20  # alternatives per position a request may ask for (OpenAI's chat limit)
 LOGSOFTMAX_ROWS = 256  # positions widened to float64 at a time (bounds the temporary to 256 x vocab)
-# Requests starting together decode in lockstep only when their prompts differ by at most this many
-# tokens: a longer prompt's extra tokens are fed one position per step, like decoding.
-LOCKSTEP_SPREAD = 16
 
 # the engine's reasons -> OpenAI's: the end-of-sequence token and a stop string both "stop"
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
@@ -131,11 +129,15 @@ def chat_prompt(model: Llama2, messages) -> Prompt:
 
 
 class Engine:
-    """The model's decode loop, fed from the server's engine thread (the only thread that touches the model)."""
+    """The model's decode loop, fed from the server's engine thread (the only thread that touches the model).
 
-    def __init__(self, model: Llama2):
+    stats: the decoder's counts (forward passes, tokens), kept across engines (the worker makes a new
+    engine after a crash).
+    """
+
+    def __init__(self, model: Llama2, stats: Stats | None = None):
         self.llama = model
-        self.decoder = Decoder(model.model, progress=False)
+        self.decoder = Decoder(model.model, progress=False, stats=stats)
 
     def request(self, prompt: Prompt, config: GenerationConfig, in_context: bool = True) -> Request:
         """A request for ``prompt``: text continuing the prompt's (completions), or on its own (chat)."""
@@ -143,27 +145,24 @@ class Engine:
                            text_out=True)
 
     def add(self, requests: list[Request]) -> None:
-        """Start requests at the next step: those with prompts of about the same length in lockstep.
+        """Start requests at the next step: each is prefilled, then decodes in the batch of running ones.
 
-        One request alone, with nothing else running, decodes through the model's kept KV
-        cache, so a prompt that shares its start with the last one (a task's answer choices)
-        reuses those positions' keys and values.
+        No KV reuse across requests here: each prefill runs through its own cache, so a
+        request joins the batch whatever else runs (scoring, ``score``, reuses the model's
+        kept cache through ``Llama2.logits``).
         """
-        requests = sorted(requests, key=lambda r: len(r.prompt))
-        idle = not self.decoder.running
-        while requests:
-            n = next((i for i, r in enumerate(requests) if len(r.prompt) - len(requests[0].prompt) > LOCKSTEP_SPREAD),
-                     len(requests))
-            group, requests = requests[:n], requests[n:]
-            kept = idle and len(group) == 1 and not requests
-            self.decoder.add(group, prefix=self.llama._kept_cache() if kept else None)
+        self.decoder.add(requests)
 
     @property
     def running(self) -> bool:
         return bool(self.decoder.running)
 
+    @property
+    def stats(self) -> Stats:
+        return self.decoder.stats
+
     def step(self) -> list[tuple[Request, str]]:
-        """One forward per group of running requests: (request, its newly printable text) for each that moved."""
+        """One forward for the running batch (and one per new request's prompt): (request, new text) per mover."""
         return self.decoder.step()
 
 

@@ -6,7 +6,8 @@ work. Requests wait in a ``queue.Queue`` in arrival order; when it holds
 ``max_queue`` requests a new one is refused at once (``QueueFull``, HTTP 429)
 rather than left to time out. Between two decoding steps the thread takes
 every waiting request into the engine's decode loop (``engine.Engine``), so a
-request waits at most one step to start, then runs beside the others. Each job
+request waits at most one step to start; it is prefilled, then decodes in the
+same forward pass as every other running request. Each job
 reports back to its request's event loop through an ``asyncio.Queue``; a job
 whose client went away is skipped, or dropped at the next step.
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 from ..errors import Llama2npError
 from ..llama import Llama2
-from .engine import Engine, Request
+from .engine import Engine, Request, Stats
 
 
 class QueueFull(Exception):
@@ -34,7 +35,8 @@ class Job:
     def __init__(self, work, loop: asyncio.AbstractEventLoop, stream: bool = True):
         """stream: send the text as it is made (else only the result: no wake-up of the loop per token)."""
         self.work, self.loop, self.stream = work, loop, stream
-        self.events: asyncio.Queue = asyncio.Queue()  # ("piece", index, text), ("done", result), ("error", exc)
+        # ("piece", index, text), then one of ("done", result), ("error", exc), ("crash", exc), ("cancelled",)
+        self.events: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
         self.requests: list[Request] = []  # its engine requests, once started
 
@@ -80,9 +82,11 @@ class Worker:
     """The engine thread and its queue."""
 
     def __init__(self, model: Llama2, max_queue: int):
-        self.model, self.engine = model, Engine(model)
+        self.stats = Stats()  # the decode loop's counts since the start (forward passes, tokens)
+        self.model, self.engine = model, Engine(model, self.stats)
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.busy = False
+        self.running = 0  # engine requests in the decode loop
         self._thread = threading.Thread(target=self._loop, name="llama2np-engine", daemon=True)
         self._thread.start()
 
@@ -107,13 +111,14 @@ class Worker:
             starting = []
             for job in new:
                 if job.cancelled:
+                    job.send("cancelled")
                     continue
                 requests = job.start(self.engine)
                 if requests:
                     running.append(job)
                     owner.update({id(r): (job, i) for i, r in enumerate(requests)})
                     starting += requests
-            self.busy = bool(running)
+            self.busy, self.running = bool(running), len(owner)
             try:
                 self.engine.add(starting)
                 for job in running:
@@ -125,7 +130,7 @@ class Worker:
                 for job in running:
                     job.send("crash", e)
                 running, owner = [], {}
-                self.engine = Engine(self.model)
+                self.engine = Engine(self.model, self.stats)
                 continue
             for r, text in events:
                 job, index = owner[id(r)]
@@ -134,9 +139,11 @@ class Worker:
                 running.remove(job)
                 for r in job.requests:
                     owner.pop(id(r), None)
-                if not job.cancelled:
+                if job.cancelled:  # the waiting handler ends too
+                    job.send("cancelled")
+                else:
                     job.finish(self.model)
-            self.busy = bool(running)
+            self.busy, self.running = bool(running), len(owner)
 
     def _take(self, block: bool) -> list:
         """Every job waiting now (waiting for the first one when ``block``)."""
