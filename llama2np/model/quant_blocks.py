@@ -54,6 +54,8 @@ from .linear import TILE_ELEMENTS, Linear, run_tiles, thread_buffer
 BLOCKS_DTYPE = np.dtype([("blocks", "i1")])
 #: input rows up to which a product sums each block apart (decoding); more rows widen s * q per slab
 PARTIAL_ROWS = 8
+#: widened values per decoding tile
+DECODE_TILE_ELEMENTS = 1024 * 1024
 #: widened values per prefill tile (GEMMs over tiles this size ran near their whole-matrix rate)
 PREFILL_TILE_ELEMENTS = 512 * 1024
 
@@ -145,13 +147,15 @@ class BlockLinear(Linear):
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.parts)
 
-    def slabs(self, elements: int) -> list[tuple[int, int, int]]:
-        """The tiles of about ``elements`` widened values: (part, first block, end block)."""
+    def slabs(self, elements: int) -> list[tuple]:
+        """The tiles of about ``elements`` widened values, made once (a decode step walks thousands):
+        (codes (g, B, rows), scales (g, 1, rows), first block, first and end output column)."""
         if elements not in self._plans:
             plan = []
-            for i, w in enumerate(self.parts):
+            for w, (c0, c1) in zip(self.parts, self._bounds):
                 g = max(1, elements // (self.block * w.shape[0]))  # blocks per tile
-                plan += [(i, b0, min(b0 + g, w.q.shape[0])) for b0 in range(0, w.q.shape[0], g)]
+                plan += [(w.q[b0:b0 + g], w.scale[b0:b0 + g, None, :], b0, c0, c1)
+                         for b0 in range(0, w.q.shape[0], g)]
             self._plans[elements] = plan
         return self._plans[elements]
 
@@ -163,29 +167,33 @@ class BlockLinear(Linear):
         n = x2.shape[0]
         partial = n <= PARTIAL_ROWS
         xb = np.ascontiguousarray(x3.transpose(1, 0, 2)) if partial else x2  # (blocks, n, B): each block's x
+        if n == 1:  # (blocks, B): each block's product is then a GEMV
+            xb = xb[:, 0]
+        tiles = self.slabs(DECODE_TILE_ELEMENTS if partial else PREFILL_TILE_ELEMENTS)
+        largest = max(t[0].size for t in tiles)
         ys: list[np.ndarray] = []
 
         def work(queue) -> None:
             y = np.zeros((n, self.out_features), self.dtype)  # this thread's share of the sum
             ys.append(y)
-            for i, b0, b1 in queue:
-                w = self.parts[i]
-                c0, c1 = self._bounds[i]
-                rows, g = w.shape[0], b1 - b0
-                wide = thread_buffer("slab", (g, self.block, rows), self.dtype)
-                np.copyto(wide, w.q[b0:b1], casting="unsafe")  # codes, exact
+            slab = thread_buffer("slab", (largest,), self.dtype)
+            sums = thread_buffer("partial", (largest // self.block * n,), self.dtype) if partial else None
+            for q, s, b0, c0, c1 in queue:
+                g, _, rows = q.shape
+                wide = slab[:q.size].reshape(q.shape)
+                np.copyto(wide, q, casting="unsafe")  # codes, exact
                 if partial:  # P[b] = x_b @ q_b, then y += sum_b s_b * P[b]
-                    p = thread_buffer("partial", (g, n, rows), self.dtype)
+                    p = sums[:g * n * rows].reshape((g, n, rows) if n > 1 else (g, rows))
                     for j in range(g):
                         np.dot(xb[b0 + j], wide[j], out=p[j])
-                    p *= w.scale[b0:b1, None, :]
-                    y[:, c0:c1] += p.sum(axis=0) if g > 1 else p[0]
+                    np.multiply(p, s if n > 1 else s[:, 0], out=p)
+                    y[:, c0:c1] += np.add.reduce(p, axis=0)
                 else:  # (s * q) of g blocks, times x's columns of those blocks: one GEMM
-                    wide *= w.scale[b0:b1, None, :]
-                    cols = x2[:, b0 * self.block:b1 * self.block]
+                    np.multiply(wide, s, out=wide)
+                    cols = x2[:, b0 * self.block:(b0 + g) * self.block]
                     y[:, c0:c1] += np.dot(cols, wide.reshape(g * self.block, rows))
 
-        run_tiles(work, self.slabs(TILE_ELEMENTS if partial else PREFILL_TILE_ELEMENTS))
+        run_tiles(work, tiles)
         y = ys[0]
         for other in ys[1:]:
             y += other
