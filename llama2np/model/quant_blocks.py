@@ -27,7 +27,7 @@ scales and offsets (blocks, rows), where "blocks" counts the (sub-)blocks of a
 row. Then one block of every row is a contiguous (B, rows) slab, and a product
 needs no multiply by the scales per weight:
 
-* Decoding (a few input rows): each slab is widened with one cast and
+* Decoding (one input row): each slab is widened with one cast and
   multiplied by x's B values of that block, P[b] = x_b @ q_b (a GEMV), and the
   scales meet those per-block partial sums once: y = sum_b s_b * P[b]. That is
   1/B of the work of scaling every weight, so a weight costs one cast and its
@@ -52,8 +52,10 @@ from .linear import TILE_ELEMENTS, Linear, run_tiles, thread_buffer
 #: the dtype ``BlockQuantTensor`` reports (and GGUF specs give before a tensor is built): a marker,
 #: so validation can tell these tensors from plain int8 arrays
 BLOCKS_DTYPE = np.dtype([("blocks", "i1")])
-#: input rows up to which a product sums each block apart (decoding); more rows widen s * q per slab
-PARTIAL_ROWS = 8
+#: input rows up to which a product sums each block apart (a decode step); more rows widen s * q per slab.
+#: One: the two paths round differently in float32, and KV-cache logits of a tiny Q4_K_M (random weights)
+#: then strayed from full-sequence ones by 1.1e-5 when steps of 2-4 rows summed blocks apart (9.3e-6 at one)
+PARTIAL_ROWS = 1
 #: widened values per decoding tile
 DECODE_TILE_ELEMENTS = 1024 * 1024
 #: widened values per prefill tile (GEMMs over tiles this size ran near their whole-matrix rate)
@@ -174,10 +176,13 @@ class BlockLinear(Linear):
         ys: list[np.ndarray] = []
 
         def work(queue) -> None:
-            y = np.zeros((n, self.out_features), self.dtype)  # this thread's share of the sum
+            # this thread's share of the sum, in float64: the partial sums of hundreds of blocks and tiles
+            # are added here, and a float32 sum drifted from the prefill path's by more than 1e-5
+            y = np.zeros((n, self.out_features), np.float64)
             ys.append(y)
             slab = thread_buffer("slab", (largest,), self.dtype)
             sums = thread_buffer("partial", (largest // self.block * n,), self.dtype) if partial else None
+            scaled_sums = thread_buffer("scaled", (largest // self.block * n,), np.float64) if partial else None
             for q, s, b0, c0, c1 in queue:
                 g, _, rows = q.shape
                 wide = slab[:q.size].reshape(q.shape)
@@ -186,8 +191,9 @@ class BlockLinear(Linear):
                     p = sums[:g * n * rows].reshape((g, n, rows) if n > 1 else (g, rows))
                     for j in range(g):
                         np.dot(xb[b0 + j], wide[j], out=p[j])
-                    np.multiply(p, s if n > 1 else s[:, 0], out=p)
-                    y[:, c0:c1] += np.add.reduce(p, axis=0)
+                    scaled = scaled_sums[:p.size].reshape(p.shape)  # float64: s * P is exact there
+                    np.multiply(p, s if n > 1 else s[:, 0], out=scaled)
+                    y[:, c0:c1] += np.add.reduce(scaled, axis=0)
                 else:  # (s * q) of g blocks, times x's columns of those blocks: one GEMM
                     np.multiply(wide, s, out=wide)
                     cols = x2[:, b0 * self.block:(b0 + g) * self.block]
@@ -199,7 +205,7 @@ class BlockLinear(Linear):
             y += other
         if self.offset is not None:
             y -= np.dot(x3.sum(axis=2), self.offset)  # (n, blocks) @ (blocks, out)
-        return y.reshape(*lead, self.out_features)
+        return y.astype(self.dtype, copy=False).reshape(*lead, self.out_features)
 
 
 class StackedLinear(Linear):
