@@ -192,13 +192,7 @@ class Linear:
         else:
             ys = [np.empty((self.out_features, n), self.dtype) for _ in cols]
             ops = [[(np.ascontiguousarray(c).T, y)] for c, y in zip(cols, ys)]
-        queue = iter(tiles)  # shared: each thread takes the next tile when it is done with one
-
-        def work(_):
-            kernel(queue, rows, width, ops)
-
-        threads = min(num_threads(), len(tiles))
-        run_parallel(work, range(threads))
+        run_tiles(lambda queue: kernel(queue, rows, width, ops), tiles)
         if per_row:  # (n, out)
             return ys[0] if len(ys) == 1 else np.add(ys[0], ys[1], out=ys[0])
         y = np.empty((n, self.out_features), self.dtype)
@@ -217,9 +211,8 @@ class Linear:
         rows, tiles = self._tiles(x2.shape[0])
         halves = 2 if self._paired else 1  # paired: even columns, then odd ones, each (out, in / 2)
         wide = _whole_buffer(self.out_features * self.in_features).reshape(halves, self.out_features, -1)
-        queue = iter(tiles)
 
-        def work(_):
+        def work(queue):
             for t, c0, c1 in queue:
                 if self._paired:
                     self._even(t, wide[0, c0:c1].view(np.uint32))
@@ -227,7 +220,7 @@ class Linear:
                 else:
                     self._widen(t, wide[0, c0:c1])
 
-        run_parallel(work, range(min(num_threads(), len(tiles))))
+        run_tiles(work, tiles)
         cols = [x2[:, 0::2], x2[:, 1::2]] if self._paired else [x2]
         with blas_threads(None):
             y = np.dot(cols[0], wide[0].T)
@@ -378,7 +371,14 @@ def _whole_buffer(size: int) -> np.ndarray:
     return _whole[0][:size]
 
 
-def _buffer(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def run_tiles(kernel, tiles: Sequence) -> None:
+    """``kernel(queue)`` on our threads (at most one per tile), all taking the next tile from one shared
+    queue when done with one: how every tiled product runs (``Linear``'s, ``model.quant_blocks``')."""
+    queue = iter(tiles)
+    run_parallel(lambda _: kernel(queue), range(max(1, min(num_threads(), len(tiles)))))
+
+
+def thread_buffer(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """This thread's reusable buffer ``name`` as an array of ``shape`` (grown when too small)."""
     size = int(np.prod(shape))
     buffers = _workspace.__dict__.setdefault("buffers", {})
@@ -386,3 +386,6 @@ def _buffer(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if flat is None or flat.size < size:
         flat = buffers[(name, dtype)] = np.empty(size, dtype=dtype)
     return flat[:size].reshape(shape)
+
+
+_buffer = thread_buffer  # the name the kernels above use

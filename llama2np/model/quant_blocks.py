@@ -13,22 +13,32 @@ fp16 number times a small integer (k-quants: the super-block's fp16 ``d`` times 
 float32. ``s * q`` then has at most 23 significant bits: exact in float32, and
 ``s * q - o`` is exact in float64. ``BlockQuantTensor`` holds that form (1 byte
 a weight plus 4 or 8 bytes per block: 1.125 to 1.5 bytes a weight) and
-``BlockLinear`` multiplies with it tile by tile, reusing ``Linear``'s tiles and
-threads:
+``BlockLinear`` multiplies with it a slab of blocks at a time on ``Linear``'s
+threads (``linear.run_tiles``):
 
     y = x @ W.T = (x @ (s * q).T) - (sum of x over each block) @ o.T
 
-Each tile of rows is widened to ``s * q`` in the compute dtype (one cast, one
-multiply: exact) and multiplied by x; the offsets meet x's block sums in one
-small product of 1/16 or 1/32 of the work. No float copy of a whole matrix is
-made, nothing is rounded below the compute dtype.
+The offsets meet x's block sums in one small product of 1/16 or 1/32 of the
+work. No float copy of a whole matrix is made, nothing is rounded below the
+compute dtype.
 
-Column order. The scale of a block is broadcast over the block's codes when a
-tile is widened; NumPy runs such a broadcast at the speed of its inner loop,
-which would be one block (16 or 32 values) long. So the codes of each row are
-kept permuted, position-in-block major: column ``b * B + k`` (block b, place k)
-is stored at ``k * n_blocks + b``, the scale then repeats with an inner loop a
-whole row of blocks long, and x is permuted the same way before the product.
+Layout. Each tensor is held block-major and transposed: codes (blocks, B, rows),
+scales and offsets (blocks, rows), where "blocks" counts the (sub-)blocks of a
+row. Then one block of every row is a contiguous (B, rows) slab, and a product
+needs no multiply by the scales per weight:
+
+* Decoding (one input row): each slab is widened with one cast and
+  multiplied by x's B values of that block, P[b] = x_b @ q_b (a GEMV), and the
+  scales meet those per-block partial sums once: y = sum_b s_b * P[b]. That is
+  1/B of the work of scaling every weight, so a weight costs one cast and its
+  share of a GEMV, as an int8 row-scaled weight does.
+* Prefill (more rows): slabs of several blocks are widened to s * q (a cast and
+  a multiply whose inner loop runs along a whole row of the slab) and multiplied
+  by the matching columns of x as one GEMM.
+
+Decoding the file's blocks straight into this layout (``loaders.gguf_blocks``)
+starts from a byte transpose of the blocks, after which every bit operation
+runs along rows: long inner loops.
 """
 
 from __future__ import annotations
@@ -37,18 +47,26 @@ from typing import Sequence
 
 import numpy as np
 
-from .linear import TILE_ELEMENTS, Linear
+from .linear import TILE_ELEMENTS, Linear, run_tiles, thread_buffer
 
 #: the dtype ``BlockQuantTensor`` reports (and GGUF specs give before a tensor is built): a marker,
 #: so validation can tell these tensors from plain int8 arrays
 BLOCKS_DTYPE = np.dtype([("blocks", "i1")])
+#: input rows up to which a product sums each block apart (a decode step); more rows widen s * q per slab.
+#: One: the two paths round differently in float32, and KV-cache logits of a tiny Q4_K_M (random weights)
+#: then strayed from full-sequence ones by 1.1e-5 when steps of 2-4 rows summed blocks apart (9.3e-6 at one)
+PARTIAL_ROWS = 1
+#: widened values per decoding tile
+DECODE_TILE_ELEMENTS = 1024 * 1024
+#: widened values per prefill tile (GEMMs over tiles this size ran near their whole-matrix rate)
+PREFILL_TILE_ELEMENTS = 512 * 1024
 
 
 class BlockQuantTensor:
     """A (rows, cols) matrix as int8 codes, per-block float32 scales and (optionally) offsets.
 
-    ``q``: (rows, B, cols // B) int8, each row's codes position-in-block major (see the module
-    docstring); ``scale``, ``offset``: (rows, cols // B) float32 (``offset`` None: all zero);
+    ``q``: (blocks, B, rows) int8; ``scale``, ``offset``: (blocks, rows) float32 (``offset`` None: all
+    zero), where column ``b * B + k`` of row r has the value ``scale[b, r] * q[b, k, r] - offset[b, r]``;
     ``kind``: the name of the quantization the values came from (Q4_K, ...), for messages.
     ``w[i]`` (any NumPy index of rows) gives those rows' values in float64, exactly.
     """
@@ -57,10 +75,10 @@ class BlockQuantTensor:
     ndim = 2
 
     def __init__(self, q: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, kind: str = "blocks"):
-        rows, block, n_blocks = q.shape
-        if q.dtype != np.int8 or scale.shape != (rows, n_blocks) or scale.dtype != np.float32 or (
+        n_blocks, block, rows = q.shape
+        if q.dtype != np.int8 or scale.shape != (n_blocks, rows) or scale.dtype != np.float32 or (
                 offset is not None and (offset.shape != scale.shape or offset.dtype != np.float32)):
-            raise ValueError(f"need int8 (rows, B, blocks) codes and float32 (rows, blocks) scales/offsets, got "
+            raise ValueError(f"need int8 (blocks, B, rows) codes and float32 (blocks, rows) scales/offsets, got "
                              f"{q.dtype} {q.shape}, {scale.dtype} {scale.shape}"
                              + ("" if offset is None else f", {offset.dtype} {offset.shape}"))
         self.q, self.scale, self.offset, self.kind = q, scale, offset, kind
@@ -71,19 +89,20 @@ class BlockQuantTensor:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.q.shape[0], self.q.shape[1] * self.q.shape[2]
+        return self.q.shape[2], self.q.shape[0] * self.q.shape[1]
 
     @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.scale.nbytes + (0 if self.offset is None else self.offset.nbytes)
 
     def __getitem__(self, index) -> np.ndarray:
-        """Rows ``index`` as float64 values s * q - o in natural column order: (..., cols)."""
-        q, s = self.q[index], self.scale[index]
-        w = q.astype(np.float64) * s[..., None, :]  # (..., B, blocks)
+        """Rows ``index`` as float64 values s * q - o in column order: (..., cols)."""
+        q = self.q[:, :, index]  # (blocks, B, ...)
+        w = q.astype(np.float64) * self.scale[:, None, index]
         if self.offset is not None:
-            w -= self.offset[index][..., None, :]
-        return np.swapaxes(w, -1, -2).reshape(*q.shape[:-2], self.shape[1])
+            w -= self.offset[:, None, index]
+        w = np.moveaxis(w, (0, 1), (-2, -1))  # (..., blocks, B)
+        return w.reshape(*w.shape[:-2], self.shape[1])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         """The whole matrix as floats (float64 unless ``dtype`` says otherwise), a tile of rows at a time."""
@@ -96,30 +115,21 @@ class BlockQuantTensor:
     def cut(self, a: int, b: int, columns: bool) -> "BlockQuantTensor":
         """Rows (or columns) [a, b) as a new, contiguous tensor; columns must be whole blocks."""
         if not columns:
-            offset = None if self.offset is None else self.offset[a:b].copy()
-            return BlockQuantTensor(self.q[a:b].copy(), self.scale[a:b].copy(), offset, self.kind)
+            offset = None if self.offset is None else self.offset[:, a:b].copy()
+            return BlockQuantTensor(self.q[:, :, a:b].copy(), self.scale[:, a:b].copy(), offset, self.kind)
         if a % self.block or b % self.block:
             raise ValueError(f"columns {a}..{b} of a {self.kind} matrix split its blocks of {self.block}")
         ba, bb = a // self.block, b // self.block
-        offset = None if self.offset is None else np.ascontiguousarray(self.offset[:, ba:bb])
-        return BlockQuantTensor(np.ascontiguousarray(self.q[:, :, ba:bb]), np.ascontiguousarray(self.scale[:, ba:bb]),
-                                offset, self.kind)
-
-
-class _Rows:
-    """Rows of a BlockQuantTensor as ``Linear``'s tile plan slices them: ``rows[r0:r1]``, ``rows.shape``."""
-
-    __slots__ = ("q", "scale", "shape")
-
-    def __init__(self, q: np.ndarray, scale: np.ndarray):
-        self.q, self.scale, self.shape = q, scale, q.shape
-
-    def __getitem__(self, rows: slice) -> "_Rows":
-        return _Rows(self.q[rows], self.scale[rows])
+        offset = None if self.offset is None else self.offset[ba:bb].copy()
+        return BlockQuantTensor(self.q[ba:bb].copy(), self.scale[ba:bb].copy(), offset, self.kind)
 
 
 class BlockLinear(Linear):
-    """``Linear`` over BlockQuantTensors of one block size, stacked by rows: y = x @ (s*q - o).T."""
+    """``Linear`` over BlockQuantTensors of one block size, stacked by rows: y = x @ (s*q - o).T.
+
+    Tiles are slabs of whole blocks of one part, (g blocks, B, rows of the part), run on our threads
+    by ``linear.run_tiles``; each thread sums its tiles' outputs into its own y, added at the end.
+    """
 
     def __init__(self, weights: Sequence[BlockQuantTensor], dtype: np.dtype):
         parts = self._describe(list(weights), dtype)
@@ -127,34 +137,75 @@ class BlockLinear(Linear):
         if any(w.block != self.block for w in parts):
             raise ValueError(f"stacked block-quantized parts need one block size, got {[w.block for w in parts]}")
         self.parts = parts
-        self._stored = [_Rows(w.q, w.scale) for w in parts]
         self.tiled, self._paired = True, False
         if all(w.offset is None for w in parts):
             self.offset = None
-        else:  # (out_features, blocks); a symmetric part among asymmetric ones has zero offsets
+        else:  # (blocks, out_features); a symmetric part among asymmetric ones has zero offsets
             self.offset = np.concatenate([w.offset if w.offset is not None else np.zeros(w.scale.shape, np.float32)
-                                          for w in parts])
+                                          for w in parts], axis=1)
         self._plans: dict[int, list] = {}
 
     @property
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.parts)
 
+    def slabs(self, elements: int) -> list[tuple]:
+        """The tiles of about ``elements`` widened values, made once (a decode step walks thousands):
+        (codes (g, B, rows), scales (g, 1, rows), first block, first and end output column)."""
+        if elements not in self._plans:
+            plan = []
+            for w, (c0, c1) in zip(self.parts, self._bounds):
+                g = max(1, elements // (self.block * w.shape[0]))  # blocks per tile
+                plan += [(w.q[b0:b0 + g], w.scale[b0:b0 + g, None, :], b0, c0, c1)
+                         for b0 in range(0, w.q.shape[0], g)]
+            self._plans[elements] = plan
+        return self._plans[elements]
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (..., in_features) -> (..., out_features)
         lead = x.shape[:-1]
-        x3 = np.asarray(x, dtype=self.dtype).reshape(-1, self.in_features // self.block, self.block)  # (n, blocks, B)
-        permuted = np.ascontiguousarray(x3.transpose(0, 2, 1)).reshape(x3.shape[0], -1)  # the codes' column order
-        y = self._tiled_matmul(permuted)  # (n, out): x @ (s * q).T
-        if self.offset is not None:
-            y -= np.dot(x3.sum(axis=2), self.offset.T)  # (n, blocks) @ (blocks, out)
-        return y.reshape(*lead, self.out_features)
+        x2 = np.asarray(x, dtype=self.dtype).reshape(-1, self.in_features)
+        x3 = x2.reshape(x2.shape[0], -1, self.block)  # (n, blocks, B)
+        n = x2.shape[0]
+        partial = n <= PARTIAL_ROWS
+        xb = np.ascontiguousarray(x3.transpose(1, 0, 2)) if partial else x2  # (blocks, n, B): each block's x
+        if n == 1:  # (blocks, B): each block's product is then a GEMV
+            xb = xb[:, 0]
+        tiles = self.slabs(DECODE_TILE_ELEMENTS if partial else PREFILL_TILE_ELEMENTS)
+        largest = max(t[0].size for t in tiles)
+        ys: list[np.ndarray] = []
 
-    def _widen(self, stored: _Rows, out: np.ndarray) -> None:
-        """s * q of a tile of rows into ``out`` (rows, in) in the compute dtype: exact (see the module docstring)."""
-        out3 = out.reshape(stored.q.shape)  # (rows, B, blocks)
-        np.copyto(out3, stored.q, casting="unsafe")
-        np.multiply(out3, stored.scale[:, None, :], out=out3)
+        def work(queue) -> None:
+            # this thread's share of the sum, in float64: the partial sums of hundreds of blocks and tiles
+            # are added here, and a float32 sum drifted from the prefill path's by more than 1e-5
+            y = np.zeros((n, self.out_features), np.float64)
+            ys.append(y)
+            slab = thread_buffer("slab", (largest,), self.dtype)
+            sums = thread_buffer("partial", (largest // self.block * n,), self.dtype) if partial else None
+            scaled_sums = thread_buffer("scaled", (largest // self.block * n,), np.float64) if partial else None
+            for q, s, b0, c0, c1 in queue:
+                g, _, rows = q.shape
+                wide = slab[:q.size].reshape(q.shape)
+                np.copyto(wide, q, casting="unsafe")  # codes, exact
+                if partial:  # P[b] = x_b @ q_b, then y += sum_b s_b * P[b]
+                    p = sums[:g * n * rows].reshape((g, n, rows) if n > 1 else (g, rows))
+                    for j in range(g):
+                        np.dot(xb[b0 + j], wide[j], out=p[j])
+                    scaled = scaled_sums[:p.size].reshape(p.shape)  # float64: s * P is exact there
+                    np.multiply(p, s if n > 1 else s[:, 0], out=scaled)
+                    y[:, c0:c1] += np.add.reduce(scaled, axis=0)
+                else:  # (s * q) of g blocks, times x's columns of those blocks: one GEMM
+                    np.multiply(wide, s, out=wide)
+                    cols = x2[:, b0 * self.block:(b0 + g) * self.block]
+                    y[:, c0:c1] += np.dot(cols, wide.reshape(g * self.block, rows))
+
+        run_tiles(work, tiles)
+        y = ys[0]
+        for other in ys[1:]:
+            y += other
+        if self.offset is not None:
+            y -= np.dot(x3.sum(axis=2), self.offset)  # (n, blocks) @ (blocks, out)
+        return y.astype(self.dtype, copy=False).reshape(*lead, self.out_features)
 
 
 class StackedLinear(Linear):
