@@ -168,9 +168,9 @@ def test_a_symmetric_part_stacked_with_an_asymmetric_one_has_no_offsets():
     rows, block, blocks = 8, 32, 3
 
     def part(offset: bool) -> BlockQuantTensor:
-        q = rng.integers(-8, 8, (rows, block, blocks)).astype(np.int8)
-        scale = rng.uniform(0.01, 0.1, (rows, blocks)).astype(np.float32)
-        return BlockQuantTensor(q, scale, rng.uniform(0, 0.1, (rows, blocks)).astype(np.float32) if offset else None)
+        q = rng.integers(-8, 8, (blocks, block, rows)).astype(np.int8)  # (blocks, B, rows)
+        scale = rng.uniform(0.01, 0.1, (blocks, rows)).astype(np.float32)
+        return BlockQuantTensor(q, scale, rng.uniform(0, 0.1, (blocks, rows)).astype(np.float32) if offset else None)
 
     parts = [part(True), part(False)]
     x = rng.standard_normal((2, block * blocks))
