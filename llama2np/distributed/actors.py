@@ -34,6 +34,7 @@ from ..model.kv_cache import KVCache
 from ..model.threads import blas_threads, set_num_threads
 from ..model.transformer import RopeTable, Transformer, build_layer, causal_mask, check_quantize, linear_maker
 from .cluster import import_ray, join_cluster
+from .compiled import compile_reduction, run_compiled
 from .memory_plan import check_node_memory, memory_plan
 from .shard import Shard, check_world, meta_shards_are_slices, read_slice, storage_name
 
@@ -43,6 +44,11 @@ DEFAULT_TIMEOUT = 120.0
 LOAD_TIMEOUT = 3600.0
 #: seconds placing the actors and starting their processes may take (a loaded machine starts Python slowly)
 START_TIMEOUT = 60.0
+#: reductions with inputs up to INLINE_BYTES go through one Ray Compiled Graph (compiled.py) when Ray
+#: can compile it (environment LLAMA2NP_COMPILED_GRAPHS=1); else plain actor calls. Off by default:
+#: a graph's first execution took 4.8-6.4 s on a loaded 2-core machine, and a process that had
+#: compiled one exited with status 1 after ``ray.shutdown()`` (Ray 2.60; docs/performance.md)
+COMPILED_GRAPHS = os.environ.get("LLAMA2NP_COMPILED_GRAPHS", "") == "1"
 #: inputs up to this size go inside each actor call (a decode step's: faster than an object-store
 #: reference every actor must fetch, see docs/performance.md); bigger ones through the object store, once
 INLINE_BYTES = 64 * 1024
@@ -74,6 +80,10 @@ class _Worker:
         self.args, self.dtype, self.kv_heads = args, dtype, len(shard.kv_heads(args))
         self.rope = RopeTable(args, dtype)
         self.caches: dict[int, KVCache] = {}
+
+    def step(self, request: tuple):
+        """``request`` = (method name, its arguments): the one node of the compiled graph (compiled.py)."""
+        return getattr(self, request[0])(*request[1:])
 
     def ping(self, i: int, x: np.ndarray):
         """A reduction's round trip without its work (benchmarks): x back, zero seconds."""
@@ -135,6 +145,7 @@ class ActorGroup:
     def __init__(self, world: int, timeout: float = DEFAULT_TIMEOUT):
         ray = self.ray = import_ray()
         self.world, self.timeout, self.failure = world, timeout, None
+        self.compiled = None  # the CompiledReduction, made at the first small reduction; False: plain calls
         self.round_trips: list[tuple[str, float, float]] | None = None  # (what, seconds, slowest actor's compute)
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -208,14 +219,28 @@ class ActorGroup:
         (decode) travels inside each call (``INLINE_BYTES``).
         """
         t0 = time.perf_counter()
-        arg = x if x.nbytes <= INLINE_BYTES else self.ray.put(x)
-        answers = self.gather([getattr(a, method).remote(args[0], arg, *args[1:]) for a in self.actors], what)
+        if x.nbytes <= INLINE_BYTES and self._compile():
+            answers = run_compiled(self, (method, args[0], x, *args[1:]), what)
+        else:
+            arg = x if x.nbytes <= INLINE_BYTES else self.ray.put(x)
+            answers = self.gather([getattr(a, method).remote(args[0], arg, *args[1:]) for a in self.actors], what)
         total = answers[0][0].copy()  # actor outputs arrive read-only
         for part, _ in answers[1:]:
             total += part
         if self.round_trips is not None:
             self.round_trips.append((what, time.perf_counter() - t0, max(s for _, s in answers)))
         return total
+
+    def _compile(self) -> bool:
+        """Whether reductions go through the compiled graph (compiled once, on first use)."""
+        if self.failure is None and self.compiled is None:
+            self.compiled = (COMPILED_GRAPHS and compile_reduction(self.ray, self.actors)) or False
+        return bool(self.compiled)
+
+    def _end_compiled(self) -> None:
+        if self.compiled:
+            self.compiled.teardown()
+        self.compiled = None
 
     @classmethod
     def acquire(cls, world: int, timeout: float) -> "ActorGroup":
@@ -234,6 +259,7 @@ class ActorGroup:
 
     def release(self) -> None:
         """End this group's use; healthy actors drop their weights and wait, idle, for ``acquire``."""
+        self._end_compiled()  # an idle group's graph would keep its actors' loops running
         if self.failure is None and self.actors:
             idle = object.__new__(ActorGroup)
             idle.__dict__.update(self.__dict__, round_trips=None)
@@ -250,6 +276,7 @@ class ActorGroup:
                 self.ray.kill(a)
             except Exception:  # already dead, or Ray is shutting down
                 pass
+        self._end_compiled()  # after the kills: a stalled actor cannot hold up the teardown
         self.actors = []
         if self.pg is not None:
             try:

@@ -81,6 +81,10 @@ BIG_TILE_ELEMENTS = 512 * 1024
 #: float weights (nothing to widen) from this many values up are split over our threads in blocks
 #: of this many: measured at 15M / 110M decode, smaller matrices gain less than a hand-off costs
 SPLIT_ELEMENTS = 1024 * 1024
+#: float weights up to this many values are kept column-major (W.T contiguous): OpenBLAS's GEMV
+#: over short rows is slow, x @ W.T over long ones is not (one thread, 32000 x 288: 9.0-11.5 GB/s
+#: row-major, 20.7-20.9 column-major; 4096 x 768: 43-46 / 50-54); a copy, so small models only
+COLUMN_MAJOR_ELEMENTS = 32 * 1024 * 1024
 #: input rows up to which a widened tile is multiplied by each row separately (GEMVs): OpenBLAS's
 #: GEMM is slow for a few columns (one thread, 128 x 2048 tile: 2 rows 6.1 G weights/s as a GEMM,
 #: 12.4 as two GEMVs; 4 rows 5.0 / 6.4; 8 rows 4.9 / 3.2)
@@ -123,6 +127,8 @@ class Linear:
         else:
             floats = [to_float(w, self.dtype) for w in parts]
             self.weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
+            if self.weight.size <= COLUMN_MAJOR_ELEMENTS:  # the same (out, in) values, column by column
+                self.weight = np.ascontiguousarray(self.weight.T).T
             self.parts = self._stored = [self.weight]
             self._paired = False
             if self.weight is not parts[0]:  # a converted copy replaces them: drop their memory-mapped pages
@@ -153,8 +159,8 @@ class Linear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (..., in_features) -> (..., out_features)
-        if not self.tiled and self.weight.size < SPLIT_ELEMENTS:
-            return x @ self.weight.T  # small: one thread (handing half to another costs more)
+        if not self.tiled and (self.weight.size < SPLIT_ELEMENTS or self.weight.flags.f_contiguous):
+            return x @ self.weight.T  # small or column-major: one thread (handing half to another costs more)
         lead = x.shape[:-1]
         x2 = np.asarray(x, dtype=self.dtype).reshape(-1, self.in_features)
         return self._tiled_matmul(x2).reshape(*lead, self.out_features)

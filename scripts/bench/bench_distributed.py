@@ -5,6 +5,7 @@ extrapolation to the whole 80-layer model on N machines.
     python scripts/checkpoints/make_synthetic_checkpoint.py --shape 70b --layers 2 --layout meta --shards 8 \\
         --out /tmp/synth-70b-2layer-meta
     python scripts/bench/bench_distributed.py /tmp/synth-70b-2layer-meta --tensor-parallel 8
+    python scripts/bench/bench_distributed.py --round-trips 2     (empty reductions: plain calls vs compiled graph)
 
 Three measurements, all in this run:
 
@@ -71,15 +72,50 @@ def one_slice(path: Path, world: int, quantize: str | None, steps: int) -> tuple
     return float(np.median(times)), nbytes
 
 
+def round_trips(world: int, rounds: int, calls: int = 50) -> None:
+    """Empty decode reductions of ``world`` actors (a (1, 1, 8192) float32 input, 32 KiB as at 70B),
+    plain actor calls and the compiled graph alternating ``rounds`` times; medians in ms."""
+    import ray
+
+    from llama2np.distributed import actors
+
+    ray.init(address="local", num_cpus=world, include_dashboard=False, log_to_driver=False)
+    group, x = ActorGroup(world), np.zeros((1, 1, 8192), np.float32)
+    t0 = time.perf_counter()
+    actors.COMPILED_GRAPHS = True
+    group.reduce("ping", x, 0, what="ping")  # compiles the graph and runs it once
+    print(f"{world} actors: compiling the graph and its first execution {time.perf_counter() - t0:.2f} s", flush=True)
+    graph, medians = group.compiled, {"plain": [], "compiled": []}
+    for _ in range(rounds):
+        for kind in medians:
+            group.compiled = graph if kind == "compiled" else False
+            group.round_trips = []
+            for _ in range(calls):
+                group.reduce("ping", x, 0, what="ping")
+            medians[kind].append(float(np.median([rt for _, rt, _ in group.round_trips])) * 1e3)
+    group.compiled = graph
+    for kind, m in medians.items():
+        print(f"empty reduction, {kind}: median {np.median(m):.3f} ms (rounds: {', '.join(f'{v:.3f}' for v in m)})")
+    print(f"ratio compiled / plain per round: "
+          + ", ".join(f"{c / p:.2f}" for c, p in zip(medians["compiled"], medians["plain"])))
+    group.close()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", type=Path)
+    ap.add_argument("model", type=Path, nargs="?")
+    ap.add_argument("--round-trips", type=int, metavar="N", help="only time empty reductions of N actors")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of --round-trips")
     ap.add_argument("--tensor-parallel", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8, help="decode steps measured")
     ap.add_argument("--network-ms", type=float, default=0.5,
                     help="assumed extra round trip per reduction between machines (LAN), ms")
     ap.add_argument("--no-check", action="store_true", help="skip the one-process logits comparison")
     a = ap.parse_args(argv)
+    if a.round_trips:
+        return round_trips(a.round_trips, a.rounds)
+    if a.model is None:
+        ap.error("give a checkpoint, or --round-trips N")
     n = a.tensor_parallel
     import ray
 

@@ -1,0 +1,107 @@
+"""A decode reduction through a Ray Compiled Graph: one graph over all actors, compiled once.
+
+A plain actor call goes through Ray's task machinery each time (scheduling, an object
+per answer: about 1 ms per actor per reduction). A compiled graph sets up shared-memory
+channels between the driver and each actor once; each reduction then writes the
+request into them and reads the answers back (see docs/performance.md for both round
+trips measured). Every reduction of a forward pass uses the same graph: its one node per
+actor is ``_Worker.step(request)``, which calls the method the request names.
+
+Ray runs compiled-graph tasks on a background thread of each actor, so the plain calls
+(``new_cache``, ``keep_rows``, ...) still reach the actor's main thread; the driver makes
+one call at a time, so the two never run at once.
+
+A failure says which actor: when the graph's answers time out or the graph breaks (a dead
+actor or node), each actor is asked a plain question and the silent or dead one is named.
+The graph is torn down with its actors. Where compiled graphs are unavailable (an older
+Ray, or compiling fails), ``compile_reduction`` returns None and plain calls are used.
+"""
+
+from __future__ import annotations
+
+from ..errors import Llama2npError
+
+#: answers larger than this would grow the channels' buffers; a decode step's partial sums are far
+#: smaller (70B: 32 KiB), prefill goes through plain calls and the object store
+BUFFER_BYTES = 1 << 20  # (they grow if ever needed)
+#: seconds a live actor takes at most to answer a plain question while its graph thread computes
+PROBE_SECONDS = 2.0
+
+
+class CompiledReduction:
+    """One compiled graph: the driver's request to every actor, every actor's answer back."""
+
+    def __init__(self, ray, actors: list):
+        from ray.dag import InputNode, MultiOutputNode
+
+        self.ray = ray
+        with InputNode() as request:
+            dag = MultiOutputNode([a.step.bind(request) for a in actors])
+        self.graph = dag.experimental_compile(_buffer_size_bytes=BUFFER_BYTES)
+
+    def execute(self, request: tuple) -> list:
+        """One reference per actor, in rank order, to its answer to ``request`` (``ref.get(timeout)``
+        raises Ray's exceptions: RayChannelTimeoutError, RayTaskError for an exception in the actor's
+        method, ActorDiedError / RayChannelError when an actor or the graph is gone)."""
+        return self.graph.execute(request)
+
+    def teardown(self) -> None:
+        """End the graph (its actors' background loops); quiet when the actors are already gone."""
+        graph, self.graph = self.graph, None
+        if graph is not None:
+            try:
+                graph.teardown()
+            except Exception:  # actors killed or a node removed: nothing left to stop
+                pass
+
+
+def run_compiled(group, request: tuple, what: str) -> list:
+    """Every actor's answer to ``request`` through ``group``'s compiled graph (an ``ActorGroup``);
+    a failure shuts the group down and is named as ``ActorGroup.gather`` names it."""
+    ray = group.ray
+    if group.failure is not None:
+        group.gather([], what)  # raises: the group was shut down
+    answers = []
+    try:
+        refs = group.compiled.execute(request)
+        for k, ref in enumerate(refs):
+            try:
+                answers.append(ref.get(timeout=group.timeout))
+            except ray.exceptions.RayTaskError as e:  # an exception inside actor k's method
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, Llama2npError):
+                    group.fail(str(cause), cause)
+                group.fail(f"{group.describe(k)} failed in {what}: {cause!r}")
+    except (ray.exceptions.RayChannelTimeoutError, ray.exceptions.RayError) as e:
+        _name_the_lost(group, what, e)
+    return answers
+
+
+def _name_the_lost(group, what: str, error: Exception):
+    """The compiled graph timed out or broke: ask every actor a plain question to name the one lost."""
+    ray = group.ray
+    timed_out = isinstance(error, ray.exceptions.RayChannelTimeoutError)
+    refs = [a.where.remote() for a in group.actors]
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=min(group.timeout, PROBE_SECONDS))
+    late = [k for k, r in enumerate(refs) if r in pending]
+    dead = []
+    for k, ref in enumerate(refs):
+        if ref not in pending:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayError:
+                dead.append(k)
+    every = range(group.world)
+    if timed_out and not dead:
+        group.fail(f"{', '.join(group.describe(k) for k in late or every)} did not answer {what} "
+                   f"within {group.timeout:g} s")
+    group.fail(f"{', '.join(group.describe(k) for k in dead or late or every)} died during {what} "
+               f"({type(error).__name__})")
+
+
+def compile_reduction(ray, actors: list) -> CompiledReduction | None:
+    """A compiled graph over ``actors``, or None when this Ray cannot compile one (plain calls then)."""
+    try:
+        return CompiledReduction(ray, actors)
+    except Exception:  # no ray.dag (Ray < 2.32), or compiling failed: the plain calls work everywhere
+        return None

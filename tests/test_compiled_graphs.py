@@ -1,0 +1,62 @@
+"""Tensor-parallel reductions through a Ray Compiled Graph: the same logits as one process, and a
+killed actor named in bounded time, as with plain actor calls (tests/test_actors.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama2np import Llama2
+from llama2np.errors import DistributedError
+
+META = Path(__file__).resolve().parent / "golden" / "layouts" / "meta_2shard_fp32"
+IDS = [1, 17, 93, 4, 56, 21, 8, 77, 30]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """A local Ray (unless this process already joined one) with compiled graphs switched on."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.dag")
+    from llama2np.distributed import actors
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    before, actors.COMPILED_GRAPHS = actors.COMPILED_GRAPHS, True
+    yield ray
+    actors.COMPILED_GRAPHS = before
+    # Ray stays up to the end of the session: with Ray 2.60, ray.shutdown() after a compiled graph made
+    # the process exit with a signal or status 1 (see llama2np/distributed/actors.py)
+
+
+def test_compiled_reductions_match_one_process(compiled):
+    tp = Llama2.from_pretrained(META, tensor_parallel=2)
+    one = Llama2.from_pretrained(META)
+    try:
+        np.testing.assert_allclose(tp.logits(IDS), one.logits(IDS), atol=1e-5)
+        assert tp.model.group.compiled, "the reductions did not go through a compiled graph"
+        got = tp.generate(IDS[:3], max_new_tokens=6, temperature=0.0)
+        assert got == one.generate(IDS[:3], max_new_tokens=6, temperature=0.0)
+    finally:
+        tp.model.group.close()
+
+
+def test_killed_actor_is_named_within_the_timeout(compiled):
+    timeout = 20.0
+    model = Llama2.from_pretrained(META, tensor_parallel=2, ray_timeout=timeout)
+    stream = model.generate([1, 17, 93], max_new_tokens=40, temperature=0.0, stream=True)
+    next(stream)
+    assert model.model.group.compiled
+    victim = model.model.group.where[1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    t0 = time.perf_counter()
+    with pytest.raises(DistributedError, match=rf"actor 1 of 2 \(pid {victim['pid']} on node .* died during"):
+        list(stream)
+    assert time.perf_counter() - t0 < timeout
+    with pytest.raises(DistributedError, match="load the model again"):
+        model.logits(IDS)
