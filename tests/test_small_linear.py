@@ -30,3 +30,11 @@ def test_large_float_weights_stay_row_major(monkeypatch):
     lin = Linear(w, np.dtype(np.float32))
     assert lin.weight.flags.c_contiguous and not lin.weight.flags.f_contiguous
     np.testing.assert_array_equal(lin(np.ones((1, 32), np.float32)), np.full((1, 64), 32.0))
+
+
+def test_long_rows_stay_row_major(monkeypatch):
+    """A 7B's float weights (rows of 4096) are not copied: they stay as loaded (memory-mapped)."""
+    monkeypatch.setattr(linear, "COLUMN_MAJOR_IN", 16)
+    w = np.ones((8, 32), np.float32)
+    lin = Linear(w, np.dtype(np.float32))
+    assert lin.weight is w and lin.weight.flags.c_contiguous

@@ -83,8 +83,10 @@ BIG_TILE_ELEMENTS = 512 * 1024
 SPLIT_ELEMENTS = 1024 * 1024
 #: float weights up to this many values are kept column-major (W.T contiguous): OpenBLAS's GEMV
 #: over short rows is slow, x @ W.T over long ones is not (one thread, 32000 x 288: 9.0-11.5 GB/s
-#: row-major, 20.7-20.9 column-major; 4096 x 768: 43-46 / 50-54); a copy, so small models only
+#: row-major, 20.7-20.9 column-major; 4096 x 768: 43-46 / 50-54); a copy, so small models only: rows up
+#: to COLUMN_MAJOR_IN long (a 7B's 4096-long rows gain little, and its float weights stay memory-mapped)
 COLUMN_MAJOR_ELEMENTS = 32 * 1024 * 1024
+COLUMN_MAJOR_IN = 2048
 #: input rows up to which a widened tile is multiplied by each row separately (GEMVs): OpenBLAS's
 #: GEMM is slow for a few columns (one thread, 128 x 2048 tile: 2 rows 6.1 G weights/s as a GEMM,
 #: 12.4 as two GEMVs; 4 rows 5.0 / 6.4; 8 rows 4.9 / 3.2)
@@ -127,7 +129,7 @@ class Linear:
         else:
             floats = [to_float(w, self.dtype) for w in parts]
             self.weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
-            if self.weight.size <= COLUMN_MAJOR_ELEMENTS:  # the same (out, in) values, column by column
+            if self.weight.size <= COLUMN_MAJOR_ELEMENTS and self.in_features <= COLUMN_MAJOR_IN:  # by columns
                 self.weight = np.ascontiguousarray(self.weight.T).T
             self.parts = self._stored = [self.weight]
             self._paired = False
