@@ -84,7 +84,7 @@ class Llama2:
         _check_from_pretrained_args(path, tokenizer_path, progress)
         compute = resolve_compute_dtype(dtype)
         if tensor_parallel is not None:
-            from .distributed.actors import DEFAULT_TIMEOUT, load_distributed
+            from .distributed.transformer import DEFAULT_TIMEOUT, load_distributed
 
             ckpt, model = load_distributed(path, tensor_parallel, compute, quantize, max_seq_len, progress,
                                            ray_address, ray_timeout or DEFAULT_TIMEOUT)
