@@ -51,8 +51,9 @@ def random_bf16(rows: int, cols: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def tiled(kernel, bits: np.ndarray, x: np.ndarray, tile_rows: int, threads: int) -> None:
-    """kernel(rows of bits, first row, y) for every tile, threads taking the next tile from one queue."""
+def tiled(kernel, bits: np.ndarray, x: np.ndarray, tile_rows: int, threads: int) -> np.ndarray:
+    """y = W x by kernel(rows of bits, x, rows of y, the thread's buffers) for every tile, threads taking
+    the next tile from one queue."""
     y = np.empty(bits.shape[0], np.float32)
     queue = iter(range(0, bits.shape[0], tile_rows))
 
@@ -62,6 +63,7 @@ def tiled(kernel, bits: np.ndarray, x: np.ndarray, tile_rows: int, threads: int)
             kernel(bits[r : r + tile_rows], x, y[r : r + tile_rows], state)
 
     run_parallel(work, range(threads))
+    return y
 
 
 def side(t, x, y, s):
