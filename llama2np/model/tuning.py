@@ -2,7 +2,7 @@
 
 How many weights a decode tile should hold depends on the CPU: its L2 size,
 how fast one core widens bf16 pairs, and how long two threads take to hand the
-GIL back and forth (a 2-core Intel Xeon widens 5.1 G values/s per core, a Zen 5
+GIL back and forth (a 2-core Intel Xeon widens 5.1 G values/s per core, a Zen 4
 core 6+). So instead of one constant, the first model big enough to stream its
 weights from memory times each candidate on a bf16 matrix larger than the
 last-level cache (a decode step's access pattern: one GEMV per tile, every
