@@ -73,16 +73,20 @@ def hf_logits(ref: LlamaForCausalLM, ids: np.ndarray) -> np.ndarray:
 # --- an independent float64 transcription of Meta's model.py -------------------------------
 
 
-def meta_reference_logits(state: dict[str, torch.Tensor], spec, ids: np.ndarray) -> np.ndarray:
+def meta_reference_logits(state: dict[str, torch.Tensor], spec, ids: np.ndarray,
+                          angles: torch.Tensor | None = None) -> np.ndarray:
     """Meta's forward pass (complex-number RoPE on interleaved pairs) in float64 torch.
 
-    state: Meta names and row order; spec: a ``make_golden.Spec``; ids: (seq,).
+    state: Meta names and row order; spec: a ``make_golden.Spec`` (or anything with its fields:
+    head_dim, rope_theta, norm_eps, n_layers, n_heads, n_kv_heads); ids: (seq,); angles: the
+    rotation angle of each position and pair, (seq, hd/2) float64 (default: Meta's, p * theta^(-2i/d)).
     """
     w = {k: v.to(torch.float64) for k, v in state.items()}
     hd, seq = spec.head_dim, len(ids)
-    freqs = 1.0 / spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64)[: hd // 2] / hd)
-    cis = torch.polar(torch.ones(seq, hd // 2, dtype=torch.float64),
-                      torch.outer(torch.arange(seq, dtype=torch.float64), freqs))  # (seq, hd/2)
+    if angles is None:
+        freqs = 1.0 / spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64)[: hd // 2] / hd)
+        angles = torch.outer(torch.arange(seq, dtype=torch.float64), freqs)
+    cis = torch.polar(torch.ones_like(angles), angles)  # (seq, hd/2)
 
     def norm(x, weight):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + spec.norm_eps) * weight

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from golden_reference import float64_hf_keep_rope
+from golden_reference import float64_hf_keep_rope, meta_reference_logits
 from llama2np.loaders.common import expected_shapes
 from llama2np.model.args import ModelArgs
 from llama2np.testing.synthetic import seeded_source
@@ -145,35 +144,9 @@ def formula_frequencies(args: ModelArgs, scaling: dict | None, original: int, en
 def formula_logits(args: ModelArgs, scaling: dict | None, state: dict[str, torch.Tensor], ids: np.ndarray,
                    ends: np.ndarray) -> np.ndarray:
     """Meta's forward pass in float64, position p rotated with the frequencies of its call (ends[p])."""
-    w = {k: v.to(torch.float64) for k, v in state.items()}
-    hd, seq = args.head_dim, len(ids)
     angles = torch.stack([p * formula_frequencies(args, scaling, args.max_seq_len, int(e))
                           for p, e in enumerate(ends)])  # (seq, hd/2)
-    cis = torch.polar(torch.ones_like(angles), angles)
-
-    def norm(x, weight):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + args.norm_eps) * weight
-
-    def rope(x):  # (seq, heads, hd): complex pairs (2i, 2i + 1)
-        xc = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
-        return torch.view_as_real(xc * cis[:, None, :]).flatten(2)
-
-    mask = torch.triu(torch.full((seq, seq), float("-inf"), dtype=torch.float64), diagonal=1)
-    h = w["tok_embeddings.weight"][torch.from_numpy(ids)]
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        x = norm(h, w[p + "attention_norm.weight"])
-        q = rope((x @ w[p + "attention.wq.weight"].T).view(seq, args.n_heads, hd))
-        k = rope((x @ w[p + "attention.wk.weight"].T).view(seq, args.n_kv_heads, hd))
-        v = (x @ w[p + "attention.wv.weight"].T).view(seq, args.n_kv_heads, hd)
-        k, v = k.repeat_interleave(args.n_rep, dim=1), v.repeat_interleave(args.n_rep, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd) + mask
-        att = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v).reshape(seq, -1)
-        h = h + att @ w[p + "attention.wo.weight"].T
-        x = norm(h, w[p + "ffn_norm.weight"])
-        gate = torch.nn.functional.silu(x @ w[p + "feed_forward.w1.weight"].T)
-        h = h + (gate * (x @ w[p + "feed_forward.w3.weight"].T)) @ w[p + "feed_forward.w2.weight"].T
-    return (norm(h, w["norm.weight"]) @ w["output.weight"].T).numpy()
+    return meta_reference_logits(state, args, ids, angles)
 
 
 def write_all(out: Path) -> dict:
