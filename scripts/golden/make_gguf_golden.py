@@ -29,12 +29,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as T
 from transformers import LlamaForCausalLM
 
 from llama2np.testing import gguf_export as ge
 from golden_reference import reference_logits
-from make_golden import LAYOUT_SPEC, Spec, hf_to_meta_rows, meta_to_hf_rows, random_ids, save_reference
+from make_golden import LAYOUT_SPEC, Spec, hf_to_meta_rows, random_ids, save_reference
 
 REPO = Path(__file__).resolve().parents[2]
 KQUANT_SPEC = Spec("q4_k_m", dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=256,
@@ -76,9 +75,15 @@ def read_back(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+#: a layer's GGUF name -> Meta name
+GGUF_TO_META = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+                "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+                "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+
+
 def hf_model_from_gguf(path: Path, spec: Spec, hidden_dim: int) -> tuple[LlamaForCausalLM, dict]:
     """An HF model (float64 weights) holding exactly what the GGUF holds, and the same in Meta's names."""
-    from make_golden import hf_config
+    from make_golden import hf_config, load_meta_state
 
     w = {k: v.double() for k, v in read_back(path).items()}
     config = hf_config(spec)
@@ -86,28 +91,9 @@ def hf_model_from_gguf(path: Path, spec: Spec, hidden_dim: int) -> tuple[LlamaFo
     model = LlamaForCausalLM(config).double()
     meta = {"tok_embeddings.weight": w["token_embd.weight"], "norm.weight": w["output_norm.weight"],
             "output.weight": w["output.weight"]}
-    with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(w["token_embd.weight"])
-        model.model.norm.weight.copy_(w["output_norm.weight"])
-        model.lm_head.weight.copy_(w["output.weight"])
-        for i, layer in enumerate(model.model.layers):
-            g = lambda n: w[f"blk.{i}.{n}.weight"]  # noqa: E731
-            # GGUF holds q/k in Meta's order: HF wants them rotate-half
-            layer.self_attn.q_proj.weight.copy_(meta_to_hf_rows(g("attn_q"), spec.n_heads))
-            layer.self_attn.k_proj.weight.copy_(meta_to_hf_rows(g("attn_k"), spec.n_kv_heads))
-            layer.self_attn.v_proj.weight.copy_(g("attn_v"))
-            layer.self_attn.o_proj.weight.copy_(g("attn_output"))
-            layer.mlp.gate_proj.weight.copy_(g("ffn_gate"))
-            layer.mlp.up_proj.weight.copy_(g("ffn_up"))
-            layer.mlp.down_proj.weight.copy_(g("ffn_down"))
-            layer.input_layernorm.weight.copy_(g("attn_norm"))
-            layer.post_attention_layernorm.weight.copy_(g("ffn_norm"))
-            p = f"layers.{i}."
-            meta.update({p + "attention.wq.weight": g("attn_q"), p + "attention.wk.weight": g("attn_k"),
-                         p + "attention.wv.weight": g("attn_v"), p + "attention.wo.weight": g("attn_output"),
-                         p + "feed_forward.w1.weight": g("ffn_gate"), p + "feed_forward.w2.weight": g("ffn_down"),
-                         p + "feed_forward.w3.weight": g("ffn_up"), p + "attention_norm.weight": g("attn_norm"),
-                         p + "ffn_norm.weight": g("ffn_norm")})
+    for i in range(spec.n_layers):  # GGUF holds q/k in Meta's order
+        meta.update({f"layers.{i}.{m}.weight": w[f"blk.{i}.{g}.weight"] for g, m in GGUF_TO_META.items()})
+    load_meta_state(model, meta, spec.n_heads, spec.n_kv_heads)
     return model, meta
 
 

@@ -147,6 +147,27 @@ def rope_freqs(spec: Spec) -> torch.Tensor:
     return 1.0 / spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float64) / spec.head_dim)
 
 
+#: a layer's Meta name -> HF name (wq/wk rows also reordered, ``meta_to_hf_rows``)
+LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+               "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+               "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+               "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+               "ffn_norm": "post_attention_layernorm"}
+
+
+@torch.no_grad()
+def load_meta_state(model: LlamaForCausalLM, state: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> None:
+    """Copy a state dict in Meta's names and row order into an HF model (in the model's dtype)."""
+    model.model.embed_tokens.weight.copy_(state["tok_embeddings.weight"])
+    model.model.norm.weight.copy_(state["norm.weight"])
+    model.lm_head.weight.copy_(state["output.weight"])
+    heads = {"attention.wq": n_heads, "attention.wk": n_kv_heads}
+    for i, layer in enumerate(model.model.layers):
+        for meta, hf in LAYER_NAMES.items():
+            w = state[f"layers.{i}.{meta}.weight"]
+            layer.get_submodule(hf).weight.copy_(meta_to_hf_rows(w, heads[meta]) if meta in heads else w)
+
+
 def meta_state_dict(model: LlamaForCausalLM, spec: Spec) -> dict[str, torch.Tensor]:
     """The HF model's weights under Meta's names and row order, in the storage dtype."""
     sd = model.state_dict()

@@ -41,7 +41,7 @@ from golden_reference import float64_hf_keep_rope, meta_reference_logits
 from llama2np.loaders.common import expected_shapes
 from llama2np.model.args import ModelArgs
 from llama2np.testing.synthetic import seeded_source
-from make_golden import meta_to_hf_rows
+from make_golden import load_meta_state
 
 REPO = Path(__file__).resolve().parents[2]
 BOS = 1
@@ -84,21 +84,7 @@ def meta_state(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
 def hf_model(args: ModelArgs, config_json: dict, state: dict[str, torch.Tensor]) -> LlamaForCausalLM:
     keys = {k: v for k, v in config_json.items() if k not in ("architectures", "torch_dtype", "model_type")}
     model = LlamaForCausalLM(LlamaConfig(**keys)).float()
-    m = model.model
-    m.embed_tokens.weight.copy_(state["tok_embeddings.weight"])
-    m.norm.weight.copy_(state["norm.weight"])
-    model.lm_head.weight.copy_(state["output.weight"])
-    for i, layer in enumerate(m.layers):
-        w = lambda n: state[f"layers.{i}.{n}.weight"]  # noqa: E731
-        layer.self_attn.q_proj.weight.copy_(meta_to_hf_rows(w("attention.wq"), args.n_heads))
-        layer.self_attn.k_proj.weight.copy_(meta_to_hf_rows(w("attention.wk"), args.n_kv_heads))
-        layer.self_attn.v_proj.weight.copy_(w("attention.wv"))
-        layer.self_attn.o_proj.weight.copy_(w("attention.wo"))
-        layer.mlp.gate_proj.weight.copy_(w("feed_forward.w1"))
-        layer.mlp.up_proj.weight.copy_(w("feed_forward.w3"))
-        layer.mlp.down_proj.weight.copy_(w("feed_forward.w2"))
-        layer.input_layernorm.weight.copy_(w("attention_norm"))
-        layer.post_attention_layernorm.weight.copy_(w("ffn_norm"))
+    load_meta_state(model, state, args.n_heads, args.n_kv_heads)
     return model
 
 
