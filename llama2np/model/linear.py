@@ -18,10 +18,10 @@ Products run on ``parallel.num_threads()`` threads of ours, each with one
 BLAS thread, for any number of input rows: threads take the next tile as they
 finish one, widen it (NumPy ufuncs, which BLAS cannot thread) and hand it to
 ``np.dot``. Float weights are split the same way in blocks of rows (nothing to
-widen); only small ones (< SPLIT_ELEMENTS) run on the calling thread. ``np.dot``
-releases the GIL during BLAS calls; ``np.matmul`` did not (measured: two
-threads of matmul GEMVs ran no faster than one), so the hot path uses
-``np.dot`` only. BLAS's own threads are not used: on a machine shared with
+widen); only small ones (< SPLIT_ELEMENTS) run on the calling thread, and one
+input row multiplies float rows by ``row_dots``. ``np.dot`` and ufuncs release
+the GIL; ``np.matmul`` did not (two threads of matmul GEMVs ran no faster than
+one), so the hot path never uses it. BLAS's own threads are not used: on a machine shared with
 other jobs their spinning collapsed (15M decode: 53 tok/s median with two
 OpenBLAS threads, 139 with ours).
 
@@ -50,10 +50,8 @@ from .storage import bf16_pair_even, bf16_pair_odd, check_finite_fp16, fp16_pair
 from .threads import blas_threads, num_threads, run_parallel
 
 #: widened values per tile when few rows come in (decoding): 256K floats = 1 MiB, a Zen core's L2.
-#: Smaller tiles widen a little faster on one thread (128K: +5 %), but two threads then hand the
-#: GIL back and forth twice as often, and on a busy machine each hand-off waits for a core
-#: (7B decode, one process, sizes alternating, 3 rounds: 128K 1.08-1.49, 256K 1.35-1.54,
-#: 512K 1.42-1.43, 1024K 1.35-1.51 tok/s)
+#: Smaller tiles widen a little faster on one thread, but two threads then hand the GIL back and
+#: forth twice as often (7B decode, 3 rounds: 128K 1.08-1.49, 256K 1.35-1.54, 1024K 1.35-1.51 tok/s)
 TILE_ELEMENTS = 256 * 1024
 _decode_tile: int | None = None  # the decode tile measured for this CPU (``tuning``); None: TILE_ELEMENTS
 
@@ -81,12 +79,6 @@ BIG_TILE_ELEMENTS = 512 * 1024
 #: float weights (nothing to widen) from this many values up are split over our threads in blocks
 #: of this many: measured at 15M / 110M decode, smaller matrices gain less than a hand-off costs
 SPLIT_ELEMENTS = 1024 * 1024
-#: float weights up to this many values are kept column-major (W.T contiguous): OpenBLAS's GEMV
-#: over short rows is slow, x @ W.T over long ones is not (one thread, 32000 x 288: 9.0-11.5 GB/s
-#: row-major, 20.7-20.9 column-major; 4096 x 768: 43-46 / 50-54); a copy, so small models only: rows up
-#: to COLUMN_MAJOR_IN long (a 7B's 4096-long rows gain little, and its float weights stay memory-mapped)
-COLUMN_MAJOR_ELEMENTS = 32 * 1024 * 1024
-COLUMN_MAJOR_IN = 2048
 #: input rows up to which a widened tile is multiplied by each row separately (GEMVs): OpenBLAS's
 #: GEMM is slow for a few columns (one thread, 128 x 2048 tile: 2 rows 6.1 G weights/s as a GEMM,
 #: 12.4 as two GEMVs; 4 rows 5.0 / 6.4; 8 rows 4.9 / 3.2)
@@ -129,8 +121,6 @@ class Linear:
         else:
             floats = [to_float(w, self.dtype) for w in parts]
             self.weight = floats[0] if len(floats) == 1 else np.concatenate(floats)
-            if self.weight.size <= COLUMN_MAJOR_ELEMENTS and self.in_features <= COLUMN_MAJOR_IN:  # by columns
-                self.weight = np.ascontiguousarray(self.weight.T).T
             self.parts = self._stored = [self.weight]
             self._paired = False
             if self.weight is not parts[0]:  # a converted copy replaces them: drop their memory-mapped pages
@@ -161,8 +151,10 @@ class Linear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (..., in_features) -> (..., out_features)
-        if not self.tiled and (self.weight.size < SPLIT_ELEMENTS or self.weight.flags.f_contiguous):
-            return x @ self.weight.T  # small or column-major: one thread (handing half to another costs more)
+        if not self.tiled and self.weight.size < SPLIT_ELEMENTS:  # one thread (a hand-off costs more)
+            if x.size == self.in_features:  # one row: (in,) -> (out,) by row dot products
+                return row_dots(self.weight, x.reshape(-1)).reshape(*x.shape[:-1], self.out_features)
+            return x @ self.weight.T
         lead = x.shape[:-1]
         x2 = np.asarray(x, dtype=self.dtype).reshape(-1, self.in_features)
         return self._tiled_matmul(x2).reshape(*lead, self.out_features)
@@ -259,8 +251,9 @@ class Linear:
     def _float_kernel(self, queue, rows: int, width: int, ops: list) -> None:
         """Weights already in the compute dtype: each block of rows times x."""
         ((x, y),) = ops[0]
+        dot = row_dots if x.ndim == 1 else np.dot  # one input row (decoding) / a GEMM
         for w, c0, c1 in queue:
-            np.dot(w, x, out=y[c0:c1])
+            dot(w, x, out=y[c0:c1])
 
     def _cast_kernel(self, queue, rows: int, width: int, ops: list) -> None:
         """Widen each tile with one cast into the compute dtype, times all of x."""
@@ -369,6 +362,14 @@ def tile_plan(parts: list[np.ndarray], step: int) -> list[tuple[np.ndarray, int,
     return tiles
 
 
+def row_dots(w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """w (out, in) @ x (in,) -> (out,), a dot product per row (``np.vecdot``; NumPy < 2: ``np.dot``): w is
+    read front to back in one stream, where OpenBLAS's GEMV reads several rows at once (32000 x 768 float32,
+    Zen 4, one / two threads: GEMV 13-15 / 21-24 GB/s, vecdot 21-30 / 31-34; read bandwidth 32 GB/s)."""
+    return _vecdot(w, x, out=out)
+
+
+_vecdot = getattr(np, "vecdot", None) or (lambda w, x, out=None: np.dot(w, x, out=out))
 _whole: list[np.ndarray] = []  # the one float32 buffer of _whole_matmul, grown to the largest matrix
 
 
