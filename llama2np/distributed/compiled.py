@@ -28,6 +28,7 @@ Ray, or compiling fails), ``compile_reduction`` returns None and plain calls are
 from __future__ import annotations
 
 import struct
+import time
 
 import numpy as np
 
@@ -38,6 +39,9 @@ from ..errors import Llama2npError
 BUFFER_BYTES = 1 << 20  # (they grow if ever needed)
 #: seconds a live actor takes at most to answer a plain question while its graph thread computes
 PROBE_SECONDS = 2.0
+#: the driver sleeps before reading answers that took longer than SLEEP_AFTER seconds last time, for
+#: SLEEP_SHARE of that time (the rest, and any answer faster than a sleep's own cost, it busy-waits for)
+SLEEP_AFTER, SLEEP_SHARE = 0.5e-3, 0.8
 #: the methods a request may name, and the dtypes its array may have (their index goes in the header)
 METHODS = ("attention", "feed_forward", "ping")
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -96,6 +100,13 @@ class CompiledReduction:
         with InputNode() as request:
             dag = MultiOutputNode([a.step.bind(request) for a in actors])
         self.graph = dag.experimental_compile(_buffer_size_bytes=BUFFER_BYTES)
+        self.computed: dict[str, float] = {}  # method -> the slowest actor's seconds in its last reduction
+
+    def wait(self, method: str) -> None:
+        """Sleep through most of the time the slowest actor took for ``method`` last time: Ray's reader
+        busy-waits for the answers, and on a machine the actors share that would take a core from them."""
+        if self.computed.get(method, 0.0) > SLEEP_AFTER:
+            time.sleep(self.computed[method] * SLEEP_SHARE)
 
     def execute(self, request: bytes) -> list:
         """One reference per actor, in rank order, to its answer to ``request`` (``ref.get(timeout)``
@@ -120,9 +131,10 @@ def run_compiled(group, method: str, x: np.ndarray, args: tuple, what: str) -> l
     ray = group.ray
     if group.failure is not None:
         group.gather([], what)  # raises: the group was shut down
-    answers = []
+    answers, graph = [], group.compiled
     try:
-        refs = group.compiled.execute(encode_request(method, x, args))
+        refs = graph.execute(encode_request(method, x, args))
+        graph.wait(method)
         for k, ref in enumerate(refs):
             try:
                 answers.append(decode_answer(ref.get(timeout=group.timeout), x))
@@ -133,6 +145,7 @@ def run_compiled(group, method: str, x: np.ndarray, args: tuple, what: str) -> l
                 group.fail(f"{group.describe(k)} failed in {what}: {cause!r}")
     except (ray.exceptions.RayChannelTimeoutError, ray.exceptions.RayError) as e:
         _name_the_lost(group, what, e)
+    graph.computed[method] = max(s for _, s in answers)
     return answers
 
 
