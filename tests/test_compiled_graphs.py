@@ -30,8 +30,7 @@ def compiled():
     before, actors.COMPILED_GRAPHS = actors.COMPILED_GRAPHS, True
     yield ray
     actors.COMPILED_GRAPHS = before
-    # Ray stays up to the end of the session: with Ray 2.60, ray.shutdown() after a compiled graph made
-    # the process exit with a signal or status 1 (see llama2np/distributed/actors.py)
+    # Ray stays up for the rest of the session (test_actors.py's cluster, when it started first)
 
 
 def test_compiled_reductions_match_one_process(compiled):

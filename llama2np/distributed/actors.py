@@ -42,8 +42,8 @@ LOAD_TIMEOUT = 3600.0
 START_TIMEOUT = 60.0
 #: reductions with inputs up to INLINE_BYTES go through one Ray Compiled Graph (compiled.py) when Ray
 #: can compile it (environment LLAMA2NP_COMPILED_GRAPHS=1); else plain actor calls. Off by default:
-#: a graph's first execution took 4.8-6.4 s on a loaded 2-core machine, and a process that had
-#: compiled one exited with status 1 after ``ray.shutdown()`` (Ray 2.60; docs/performance.md)
+#: Ray's channel readers busy-wait, so while a graph is up each idle actor keeps a core busy, between
+#: generations too (measured in docs/performance.md)
 COMPILED_GRAPHS = os.environ.get("LLAMA2NP_COMPILED_GRAPHS", "") == "1"
 #: inputs up to this size go inside each actor call (a decode step's: faster than an object-store
 #: reference every actor must fetch, see docs/performance.md); bigger ones through the object store, once
