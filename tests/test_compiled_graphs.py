@@ -99,3 +99,20 @@ def test_a_process_that_used_a_graph_exits_cleanly():
                           timeout=180)
     assert "failed as expected: actor 1 of 2" in done.stdout and "shut down" in done.stdout, done.stderr[-2000:]
     assert done.returncode == 0, f"exit status {done.returncode}: {done.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_requests_and_answers_cross_the_channels_as_bytes_unchanged(dtype):
+    """The graph's wire format (no Ray needed): method, layer, start position, a cache id or None and the
+    (batch, seq, dim) input come back as sent; an answer keeps its values and seconds."""
+    from llama2np.distributed.compiled import decode_answer, decode_request, encode_answer, encode_request
+
+    x = np.random.default_rng(0).standard_normal((2, 1, 12)).astype(dtype)
+    for method, args in [("attention", (3, 17, 5)), ("attention", (0, 4, None)), ("feed_forward", (7,))]:
+        request = encode_request(method, x, args)
+        assert isinstance(request, bytes)
+        got_method, got_x, got_args = decode_request(request)
+        assert (got_method, got_args) == (method, list(args))
+        assert got_x.dtype == x.dtype and got_x.shape == x.shape and np.array_equal(got_x, x)
+    part, seconds = decode_answer(encode_answer(2 * x, 0.125), x)
+    assert seconds == 0.125 and part.dtype == x.dtype and np.array_equal(part, 2 * x)
