@@ -30,7 +30,7 @@ from ..model.kv_cache import KVCache
 from ..model.threads import blas_threads, set_num_threads
 from ..model.transformer import RopeTable, build_layer, causal_mask, linear_maker
 from .cluster import import_ray
-from .compiled import compile_reduction, run_compiled
+from .compiled import compile_reduction, decode_request, encode_answer, run_compiled
 from .memory_plan import check_node_memory, memory_plan
 from .shard import Shard, read_slice
 
@@ -42,8 +42,8 @@ LOAD_TIMEOUT = 3600.0
 START_TIMEOUT = 60.0
 #: reductions with inputs up to INLINE_BYTES go through one Ray Compiled Graph (compiled.py) when Ray
 #: can compile it (environment LLAMA2NP_COMPILED_GRAPHS=1); else plain actor calls. Off by default:
-#: a graph's first execution took 4.8-6.4 s on a loaded 2-core machine, and a process that had
-#: compiled one exited with status 1 after ``ray.shutdown()`` (Ray 2.60; docs/performance.md)
+#: Ray's channel readers busy-wait, so while a graph is up each idle actor keeps a core busy, between
+#: generations too (measured in docs/performance.md)
 COMPILED_GRAPHS = os.environ.get("LLAMA2NP_COMPILED_GRAPHS", "") == "1"
 #: inputs up to this size go inside each actor call (a decode step's: faster than an object-store
 #: reference every actor must fetch, see docs/performance.md); bigger ones through the object store, once
@@ -77,9 +77,11 @@ class _Worker:
         self.rope = RopeTable(args, dtype)
         self.caches: dict[int, KVCache] = {}
 
-    def step(self, request: tuple):
-        """``request`` = (method name, its arguments): the one node of the compiled graph (compiled.py)."""
-        return getattr(self, request[0])(*request[1:])
+    def step(self, request: bytes) -> bytes:
+        """The one node of the compiled graph (compiled.py): the reduction ``request`` names, its answer
+        as bytes."""
+        method, x, args = decode_request(request)
+        return encode_answer(*getattr(self, method)(args[0], x, *args[1:]))
 
     def ping(self, i: int, x: np.ndarray):
         """A reduction's round trip without its work (benchmarks): x back, zero seconds."""
@@ -216,7 +218,7 @@ class ActorGroup:
         """
         t0 = time.perf_counter()
         if x.nbytes <= INLINE_BYTES and self._compile():
-            answers = run_compiled(self, (method, args[0], x, *args[1:]), what)
+            answers = run_compiled(self, method, x, args, what)
         else:
             arg = x if x.nbytes <= INLINE_BYTES else self.ray.put(x)
             answers = self.gather([getattr(a, method).remote(args[0], arg, *args[1:]) for a in self.actors], what)
@@ -230,7 +232,7 @@ class ActorGroup:
     def _compile(self) -> bool:
         """Whether reductions go through the compiled graph (compiled once, on first use)."""
         if self.failure is None and self.compiled is None:
-            self.compiled = (COMPILED_GRAPHS and compile_reduction(self.ray, self.actors)) or False
+            self.compiled = (COMPILED_GRAPHS and compile_reduction(self.ray, self.actors, self.timeout)) or False
         return bool(self.compiled)
 
     def _end_compiled(self) -> None:

@@ -6,6 +6,7 @@ extrapolation to the whole 80-layer model on N machines.
         --out /tmp/synth-70b-2layer-meta
     python scripts/bench/bench_distributed.py /tmp/synth-70b-2layer-meta --tensor-parallel 8
     python scripts/bench/bench_distributed.py --round-trips 2     (empty reductions: plain calls vs compiled graph)
+    python scripts/bench/bench_distributed.py CHECKPOINT --decode --tensor-parallel 2   (decode steps: the same)
 
 Three measurements, all in this run:
 
@@ -26,6 +27,7 @@ round trip (``--network-ms``, an assumption), and the driver's own time.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,7 +74,47 @@ def one_slice(path: Path, world: int, quantize: str | None, steps: int) -> tuple
     return float(np.median(times)), nbytes
 
 
-def round_trips(world: int, rounds: int, calls: int = 50) -> None:
+def _cpu_seconds(pids: list[int]) -> list[float]:
+    """User + system CPU seconds each process has used so far (Linux /proc)."""
+    def one(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return [one(p) for p in pids]
+
+
+def _idle_cores(group: ActorGroup, seconds: float = 2.0) -> float:
+    """Cores the actors burn in ``seconds`` of doing nothing."""
+    pids = [w["pid"] for w in group.where]
+    before = _cpu_seconds(pids)
+    time.sleep(seconds)
+    return sum(_cpu_seconds(pids)) / seconds - sum(before) / seconds
+
+
+def _alternate(group: ActorGroup, rounds: int, run) -> dict[str, list[float]]:
+    """``run()``'s figure, plain calls and a compiled graph alternating ``rounds`` times. Each compiled
+    round compiles a new graph and tears it down after, so that no graph (whose idle actors spin on
+    their channels) runs beside the plain calls."""
+    from llama2np.distributed import actors
+
+    actors.COMPILED_GRAPHS = True
+    figures = {"plain": [], "compiled": []}
+    for _ in range(rounds):
+        for kind in figures:
+            group.compiled = None if kind == "compiled" else False  # None: compiled at the next reduction
+            figures[kind].append(run())
+            group._end_compiled()
+    return figures
+
+
+def _report(what: str, unit: str, figures: dict[str, list[float]]) -> None:
+    for kind, m in figures.items():
+        print(f"{what}, {kind}: median {np.median(m):.3f} {unit} (rounds: {', '.join(f'{v:.3f}' for v in m)})")
+    print("ratio compiled / plain per round: "
+          + ", ".join(f"{c / p:.2f}" for c, p in zip(figures["compiled"], figures["plain"])), flush=True)
+
+
+def round_trips(world: int, rounds: int, calls: int = 200) -> None:
     """Empty decode reductions of ``world`` actors (a (1, 1, 8192) float32 input, 32 KiB as at 70B),
     plain actor calls and the compiled graph alternating ``rounds`` times; medians in ms."""
     import ray
@@ -84,28 +126,58 @@ def round_trips(world: int, rounds: int, calls: int = 50) -> None:
     t0 = time.perf_counter()
     actors.COMPILED_GRAPHS = True
     group.reduce("ping", x, 0, what="ping")  # compiles the graph and runs it once
-    print(f"{world} actors: compiling the graph and its first execution {time.perf_counter() - t0:.2f} s", flush=True)
-    graph, medians = group.compiled, {"plain": [], "compiled": []}
-    for _ in range(rounds):
-        for kind in medians:
-            group.compiled = graph if kind == "compiled" else False
-            group.round_trips = []
-            for _ in range(calls):
-                group.reduce("ping", x, 0, what="ping")
-            medians[kind].append(float(np.median([rt for _, rt, _ in group.round_trips])) * 1e3)
-    group.compiled = graph
-    for kind, m in medians.items():
-        print(f"empty reduction, {kind}: median {np.median(m):.3f} ms (rounds: {', '.join(f'{v:.3f}' for v in m)})")
-    print(f"ratio compiled / plain per round: "
-          + ", ".join(f"{c / p:.2f}" for c, p in zip(medians["compiled"], medians["plain"])))
+    print(f"{world} actors: compiling the graph and its first execution {time.perf_counter() - t0:.2f} s; "
+          f"idle actors burn {_idle_cores(group):.2f} cores with the graph up", flush=True)
+    group._end_compiled()
+    print(f"... and {_idle_cores(group):.2f} cores without it", flush=True)
+
+    def run():
+        group.reduce("ping", x, 0, what="ping")  # (compiles the graph in a compiled round)
+        group.round_trips = []
+        for _ in range(calls):
+            group.reduce("ping", x, 0, what="ping")
+        return float(np.median([rt for _, rt, _ in group.round_trips])) * 1e3
+
+    _report("empty reduction", "ms", _alternate(group, rounds, run))
     group.close()
+
+
+def decode(path: Path, world: int, rounds: int, steps: int) -> None:
+    """Tokens/s of ``steps`` decode steps on ``world`` local actors, plain calls and the compiled graph
+    alternating ``rounds`` times (greedy; every step a forward pass of one token through the KV cache)."""
+    import ray
+
+    ray.init(address="local", num_cpus=world, include_dashboard=False, log_to_driver=False)
+    model = Llama2.from_pretrained(path, tensor_parallel=world, max_seq_len=rounds * 2 * (steps + 1) + 16)
+    tm, group = model.model, model.model.group
+    cache = tm.new_cache(1)
+    pos = 0
+    logits = tm.forward(np.array([[1, 450, 4996]]), pos, cache)
+    pos += 3
+
+    def run():
+        nonlocal pos, logits
+        tm.forward(np.array([[int(logits[0, -1].argmax())]]), pos, cache)  # (compiles the graph)
+        pos += 1
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits = tm.forward(np.array([[int(logits[0, -1].argmax())]]), pos, cache)
+            pos += 1
+        return steps / (time.perf_counter() - t0)
+
+    print(f"{world} actors, {model.args.n_layers} layers of dim {model.args.dim}: {steps} decode steps per round",
+          flush=True)
+    _report("decode", "tokens/s", _alternate(group, rounds, run))
+    tm.close()
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, nargs="?")
     ap.add_argument("--round-trips", type=int, metavar="N", help="only time empty reductions of N actors")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of --round-trips")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of --round-trips / --decode")
+    ap.add_argument("--decode", action="store_true",
+                    help="only time decode steps of the checkpoint, plain calls vs compiled graph")
     ap.add_argument("--tensor-parallel", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8, help="decode steps measured")
     ap.add_argument("--network-ms", type=float, default=0.5,
@@ -116,6 +188,8 @@ def main(argv=None) -> None:
         return round_trips(a.round_trips, a.rounds)
     if a.model is None:
         ap.error("give a checkpoint, or --round-trips N")
+    if a.decode:
+        return decode(a.model, a.tensor_parallel, a.rounds, a.steps)
     n = a.tensor_parallel
     import ray
 
