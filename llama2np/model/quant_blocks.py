@@ -28,13 +28,16 @@ row. Then one block of every row is a contiguous (B, rows) slab, and a product
 needs no multiply by the scales per weight:
 
 * Decoding (one input row): each slab is widened with one cast and
-  multiplied by x's B values of that block, P[b] = x_b @ q_b (a GEMV), and the
-  scales meet those per-block partial sums once: y = sum_b s_b * P[b]. That is
-  1/B of the work of scaling every weight, so a weight costs one cast and its
-  share of a GEMV, as an int8 row-scaled weight does.
+  multiplied by x's B values of that block, P[b] = x_b @ q_b (g GEMVs in one
+  batched matmul), and the scales meet those per-block partial sums once:
+  y = sum_b s_b * P[b]. That is 1/B of the work of scaling every weight, so a
+  weight costs one cast and its share of a GEMV, as an int8 row-scaled weight does.
 * Prefill (more rows): slabs of several blocks are widened to s * q (a cast and
   a multiply whose inner loop runs along a whole row of the slab) and multiplied
-  by the matching columns of x as one GEMM.
+  by the matching columns of x as one GEMM. (The two paths round differently in
+  float32; in float64 they agree to rounding, ~1e-14.) Slabs of whole rows: a
+  tile of a few output rows would read the codes in short strided runs, and
+  such casts ran at half the rate.
 
 Decoding the file's blocks straight into this layout (``loaders.gguf_blocks``)
 starts from a byte transpose of the blocks, after which every bit operation
@@ -52,14 +55,12 @@ from .linear import TILE_ELEMENTS, Linear, run_tiles, thread_buffer
 #: the dtype ``BlockQuantTensor`` reports (and GGUF specs give before a tensor is built): a marker,
 #: so validation can tell these tensors from plain int8 arrays
 BLOCKS_DTYPE = np.dtype([("blocks", "i1")])
-#: input rows up to which a product sums each block apart (a decode step); more rows widen s * q per slab.
-#: One: the two paths round differently in float32, and KV-cache logits of a tiny Q4_K_M (random weights)
-#: then strayed from full-sequence ones by 1.1e-5 when steps of 2-4 rows summed blocks apart (9.3e-6 at one)
-PARTIAL_ROWS = 1
-#: widened values per decoding tile
+#: widened values per decoding tile: the int8 cast's set-up wants big tiles, 4 MiB of float32 still sits in
+#: the L3 (7B layer, 2 threads, x bf16: 512K 0.79, 1M 0.95, 2M 0.86, 4M 0.52)
 DECODE_TILE_ELEMENTS = 1024 * 1024
-#: widened values per prefill tile (GEMMs over tiles this size ran near their whole-matrix rate)
-PREFILL_TILE_ELEMENTS = 512 * 1024
+#: widened values per prefill slab: OpenBLAS's 16-row GEMM runs faster over longer blocks of rows (one
+#: thread, 7B shapes, G weights/s: 11008 rows 1.13 at 1 block a slab, 1.47 at 4; 4096 rows 0.95 at 4, 0.99 at 8)
+PREFILL_TILE_ELEMENTS = 1536 * 1024
 
 
 class BlockQuantTensor:
@@ -143,69 +144,112 @@ class BlockLinear(Linear):
         else:  # (blocks, out_features); a symmetric part among asymmetric ones has zero offsets
             self.offset = np.concatenate([w.offset if w.offset is not None else np.zeros(w.scale.shape, np.float32)
                                           for w in parts], axis=1)
-        self._plans: dict[int, list] = {}
+        self._plans: dict[tuple, list] = {}
 
     @property
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.parts)
 
     def slabs(self, elements: int) -> list[tuple]:
-        """The tiles of about ``elements`` widened values, made once (a decode step walks thousands):
+        """The decode tiles of about ``elements`` widened values, made once (a step walks thousands):
         (codes (g, B, rows), scales (g, 1, rows), first block, first and end output column)."""
-        if elements not in self._plans:
+        key = ("slabs", elements)
+        if key not in self._plans:
             plan = []
             for w, (c0, c1) in zip(self.parts, self._bounds):
                 g = max(1, elements // (self.block * w.shape[0]))  # blocks per tile
                 plan += [(w.q[b0:b0 + g], w.scale[b0:b0 + g, None, :], b0, c0, c1)
                          for b0 in range(0, w.q.shape[0], g)]
-            self._plans[elements] = plan
-        return self._plans[elements]
+            self._plans[key] = plan
+        return self._plans[key]
+
+    def offset_tiles(self, elements: int) -> list[tuple]:
+        """The offsets in tiles of about ``elements`` values, for the decode queue: (None, offsets
+        (blocks, columns), 0, first and end output column); none when there are no offsets."""
+        key = ("offsets", elements)
+        if key not in self._plans:
+            plan = []
+            if self.offset is not None:
+                cols = max(1, elements // self.offset.shape[0])
+                plan = [(None, self.offset[:, c0:c0 + cols], 0, c0, min(c0 + cols, self.out_features))
+                        for c0 in range(0, self.out_features, cols)]
+            self._plans[key] = plan
+        return self._plans[key]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (..., in_features) -> (..., out_features)
         lead = x.shape[:-1]
         x2 = np.asarray(x, dtype=self.dtype).reshape(-1, self.in_features)
-        x3 = x2.reshape(x2.shape[0], -1, self.block)  # (n, blocks, B)
+        if x2.shape[0] == 1:
+            y = self._decode(x2.reshape(-1, self.block))  # (1, out)
+        else:
+            y = self._prefill(x2)  # (n, out)
+            if self.offset is not None:
+                x_sums = x2.reshape(x2.shape[0], -1, self.block).sum(axis=2)  # (n, blocks)
+                y -= np.dot(x_sums, self.offset)  # (n, blocks) @ (blocks, out)
+        return y.astype(self.dtype, copy=False).reshape(*lead, self.out_features)
+
+    def _decode(self, xb: np.ndarray) -> np.ndarray:
+        """One input row, xb (blocks, B): P[b] = x_b @ q_b for each block, y = sum_b s_b * P[b] - o_b * sum(x_b)
+        -> (1, out)."""
+        codes = self.slabs(DECODE_TILE_ELEMENTS)
+        largest = max(t[0].size for t in codes)
+        x_sums = xb.sum(axis=1) if self.offset is not None else None  # (blocks,)
+        ys: list[np.ndarray] = []
+
+        def work(queue) -> None:
+            # this thread's share of the sum, in float64: the partial sums of hundreds of tiles are added
+            # here, and a float32 sum drifted from the prefill path's by more than 1e-5
+            y = np.zeros((1, self.out_features), np.float64)
+            ys.append(y)
+            slab = thread_buffer("slab", (largest,), self.dtype)
+            sums = thread_buffer("partial", (largest // self.block,), self.dtype)
+            for q, s, b0, c0, c1 in queue:
+                if q is None:  # offsets (blocks, c1 - c0)
+                    y[0, c0:c1] -= np.dot(x_sums, s)
+                    continue
+                g, _, rows = q.shape
+                wide = slab[:q.size].reshape(q.shape)
+                np.copyto(wide, q, casting="unsafe")  # codes, exact
+                p = sums[:g * rows].reshape(g, 1, rows)
+                np.matmul(xb[b0:b0 + g, None, :], wide, out=p)  # (g, 1, B) @ (g, B, rows): g GEMVs, one call
+                # sum_b s_b * P[b] in the compute dtype: a float32 product rounds once more per block, as the
+                # GEMV's own sums do (a float64 one cost 10-15 % of a step in casts)
+                y[0, c0:c1] += np.einsum("jkr,jkr->r", p, s)
+
+        # the offsets first, so that the threads end on the codes' many small tiles
+        run_tiles(work, self.offset_tiles(DECODE_TILE_ELEMENTS) + codes)
+        return _sum(ys)
+
+    def _prefill(self, x2: np.ndarray) -> np.ndarray:
+        """More rows, x2 (n, in): per slab, (s * q) of its g blocks times x2's columns of those blocks,
+        one GEMM -> (n, out)."""
         n = x2.shape[0]
-        partial = n <= PARTIAL_ROWS
-        xb = np.ascontiguousarray(x3.transpose(1, 0, 2)) if partial else x2  # (blocks, n, B): each block's x
-        if n == 1:  # (blocks, B): each block's product is then a GEMV
-            xb = xb[:, 0]
-        tiles = self.slabs(DECODE_TILE_ELEMENTS if partial else PREFILL_TILE_ELEMENTS)
+        tiles = self.slabs(PREFILL_TILE_ELEMENTS)
         largest = max(t[0].size for t in tiles)
         ys: list[np.ndarray] = []
 
         def work(queue) -> None:
-            # this thread's share of the sum, in float64: the partial sums of hundreds of blocks and tiles
-            # are added here, and a float32 sum drifted from the prefill path's by more than 1e-5
-            y = np.zeros((n, self.out_features), np.float64)
+            y = np.zeros((n, self.out_features), np.float64)  # this thread's share, summed over its slabs
             ys.append(y)
             slab = thread_buffer("slab", (largest,), self.dtype)
-            sums = thread_buffer("partial", (largest // self.block * n,), self.dtype) if partial else None
-            scaled_sums = thread_buffer("scaled", (largest // self.block * n,), np.float64) if partial else None
             for q, s, b0, c0, c1 in queue:
                 g, _, rows = q.shape
                 wide = slab[:q.size].reshape(q.shape)
                 np.copyto(wide, q, casting="unsafe")  # codes, exact
-                if partial:  # P[b] = x_b @ q_b, then y += sum_b s_b * P[b]
-                    p = sums[:g * n * rows].reshape((g, n, rows) if n > 1 else (g, rows))
-                    for j in range(g):
-                        np.dot(xb[b0 + j], wide[j], out=p[j])
-                    scaled = scaled_sums[:p.size].reshape(p.shape)  # float64: s * P is exact there
-                    np.multiply(p, s if n > 1 else s[:, 0], out=scaled)
-                    y[:, c0:c1] += np.add.reduce(scaled, axis=0)
-                else:  # (s * q) of g blocks, times x's columns of those blocks: one GEMM
-                    np.multiply(wide, s, out=wide)
-                    cols = x2[:, b0 * self.block:(b0 + g) * self.block]
-                    y[:, c0:c1] += np.dot(cols, wide.reshape(g * self.block, rows))
+                np.multiply(wide, s, out=wide)  # s * q: exact in float32
+                cols = x2[:, b0 * self.block:(b0 + g) * self.block]
+                y[:, c0:c1] += np.dot(cols, wide.reshape(g * self.block, rows))
 
         run_tiles(work, tiles)
-        y = ys[0]
-        for other in ys[1:]:
-            y += other
-        if self.offset is not None:
-            y -= np.dot(x3.sum(axis=2), self.offset)  # (n, blocks) @ (blocks, out)
-        return y.astype(self.dtype, copy=False).reshape(*lead, self.out_features)
+        return _sum(ys)
+
+
+def _sum(ys: list[np.ndarray]) -> np.ndarray:
+    """The threads' shares of a sum, added into the first."""
+    for other in ys[1:]:
+        ys[0] += other
+    return ys[0]
 
 
 class StackedLinear(Linear):

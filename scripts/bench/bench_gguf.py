@@ -9,7 +9,7 @@ step over ``--steps`` steps):
     python scripts/bench/bench_gguf.py --model weights/llama-2-7b.Q4_K_M.gguf --steps 8
 
 Several files: each round runs, for each file in turn, ``llama-bench -t THREADS``
-(with ``--llama-cpp``, llama.cpp's directory: its ``bin/`` or ``build/bin/``) and
+(with ``--llama-cpp``, llama.cpp's directory, its ``bin/`` or ``build/bin/``, or that directory itself) and
 then llama2np in a fresh process; medians over rounds and the ratios:
 
     python scripts/bench/bench_gguf.py --model weights/7b.Q4_K_M.gguf,weights/7b-bf16.gguf \\
@@ -70,9 +70,10 @@ def measure(a) -> dict:
 
 def llama_bench(root: Path, gguf: str, threads: int, prompt: int, steps: int) -> dict:
     """llama.cpp's ``llama-bench``: tok/s of pp PROMPT and tg STEPS, one repetition."""
-    bench = next((root / c for c in ("bin/llama-bench", "build/bin/llama-bench") if (root / c).exists()), None)
+    bench = next((root / c for c in ("bin/llama-bench", "build/bin/llama-bench", "llama-bench")
+                  if (root / c).exists()), None)
     if bench is None:
-        raise SystemExit(f"{root}: no bin/llama-bench or build/bin/llama-bench")
+        raise SystemExit(f"{root}: no llama-bench, bin/llama-bench or build/bin/llama-bench")
     cmd = [str(bench), "-m", gguf, "-t", str(threads), "-p", str(prompt), "-n", str(steps), "-r", "1", "-o", "json"]
     tests = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     return {"prefill_tok_s": next(t["avg_ts"] for t in tests if t["n_gen"] == 0),
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quantize", choices=["int8"])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0))
                         if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    parser.add_argument("--llama-cpp", type=Path, help="llama.cpp's directory: run llama-bench beside llama2np")
+    parser.add_argument("--llama-cpp", type=Path, help="llama.cpp's directory (or the one holding llama-bench): run llama-bench beside llama2np")
     parser.add_argument("--rounds", type=int, default=3)
     a = parser.parse_args(argv)
     models = a.model.split(",")
