@@ -22,6 +22,17 @@ def shared_path(*parts: str) -> Path:
 DEMO = REPO / "weights" / "demo"  # the small model trained by scripts/demo/, committed with the repository
 
 
+@pytest.fixture
+def two_threads():
+    """llama2np's own threads set to two for one test (products split over both), then set back."""
+    from llama2np.model.threads import num_threads, set_num_threads
+
+    before = num_threads()
+    set_num_threads(2)
+    yield
+    set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def demo():
     """The demo model, loaded once per test module."""

@@ -11,16 +11,7 @@ gguf = pytest.importorskip("gguf", reason='GGUF support needs the "gguf" extra: 
 from llama2np.loaders.gguf_blocks import decode_tensor  # noqa: E402
 from llama2np.model import quant_blocks  # noqa: E402
 from llama2np.model.quant_blocks import make_block_linear  # noqa: E402
-from llama2np.model.threads import num_threads, set_num_threads  # noqa: E402
 from test_quant_blocks import gguf_values, random_blocks  # noqa: E402
-
-
-@pytest.fixture
-def two_threads():
-    before = num_threads()
-    set_num_threads(2)
-    yield
-    set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -16,7 +16,6 @@ from llama2np.loaders.gguf_blocks import KINDS, decode_tensor  # noqa: E402
 from llama2np.model import quant_blocks  # noqa: E402
 from llama2np.model.linear import run_tiles  # noqa: E402
 from llama2np.model.quant_blocks import make_block_linear  # noqa: E402
-from llama2np.model.threads import num_threads, set_num_threads  # noqa: E402
 from test_quant_blocks import gguf_values, random_blocks  # noqa: E402
 
 
@@ -34,14 +33,6 @@ def test_codes_scales_and_offsets_sit_where_the_layout_says(kind: str):
         values -= w.offset[:, None, :]
     natural = values.transpose(2, 0, 1).reshape(rows, cols)  # (rows, blocks, B) -> (rows, cols)
     np.testing.assert_array_equal(natural, gguf_values(raw, kind))
-
-
-@pytest.fixture
-def two_threads():
-    before = num_threads()
-    set_num_threads(2)
-    yield
-    set_num_threads(before)
 
 
 @pytest.mark.parametrize("n", [1, 2, 20])
