@@ -43,11 +43,12 @@ def test_one_row_split_over_threads_equals_the_unsplit_row_dots(threads, monkeyp
     parts = [rng.standard_normal((n, 48)).astype(np.float32) for n in (40, 13)]
     x = rng.standard_normal((1, 1, 48)).astype(np.float32)
     lin = Linear(parts, np.dtype(np.float32))
+    before = parallel.num_threads()
     parallel.set_num_threads(threads)
     try:
         got = lin(x)
     finally:
-        parallel.set_num_threads(parallel._cpu_count())
+        parallel.set_num_threads(before)
     np.testing.assert_array_equal(got[0, 0], row_dots(np.concatenate(parts), x[0, 0]))
     np.testing.assert_allclose(got, x @ np.concatenate(parts).T, rtol=1e-5, atol=1e-5)
 

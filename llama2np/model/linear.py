@@ -20,8 +20,9 @@ finish one, widen it (NumPy ufuncs, which BLAS cannot thread) and hand it to
 ``np.dot``. Float weights are split the same way in blocks of rows (nothing to
 widen); only small ones (< SPLIT_ELEMENTS) run on the calling thread, and one
 input row multiplies float rows by ``row_dots``. ``np.dot`` and ufuncs release
-the GIL; ``np.matmul`` did not (two threads of matmul GEMVs ran no faster than
-one), so the hot path never uses it. BLAS's own threads are not used: on a machine shared with
+the GIL, so the 2-D products here use ``np.dot`` (two threads of 2-D ``np.matmul``
+GEMVs ran no faster than one; the batched matmul of ``quant_blocks`` does scale).
+BLAS's own threads are not used: on a machine shared with
 other jobs their spinning collapsed (15M decode: 53 tok/s median with two
 OpenBLAS threads, 139 with ours).
 
